@@ -1,0 +1,32 @@
+# dw-d2 entry points. Every target installs what it needs first (idempotent).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= configs/Builtin/dw_R_18_FPN_shapes.yaml
+OUTPUT ?= output/shapes_dw
+
+.PHONY: setup run test test-fast bench compare env clean
+
+setup:
+	@bash tools/setup_env.sh
+
+# The main job: train DW (box refinement on) on the built-in dataset, then COCO-evaluate it.
+run: setup
+	$(PY) train_net.py --config-file $(CONFIG) OUTPUT_DIR $(OUTPUT)
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) tools/benchmark.py $(BENCH_ARGS)
+
+compare: setup
+	$(PY) tools/compare.py $(COMPARE_ARGS)
+
+env: setup
+	$(PY) -m dw_d2.env
+
+clean:
+	rm -rf output .pytest_cache .hypothesis

@@ -1,0 +1,2 @@
+def autoassign_loss(*args, **kwargs):
+    raise NotImplementedError

@@ -1,0 +1,2 @@
+def dual_weighting_loss(*args, **kwargs):
+    raise NotImplementedError

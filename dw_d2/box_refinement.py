@@ -1,0 +1,2 @@
+def refine_box_distances(*args, **kwargs):
+    raise NotImplementedError

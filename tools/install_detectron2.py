@@ -1,0 +1,199 @@
+#!/usr/bin/env python
+"""Install Detectron2 into the running interpreter's environment, idempotently.
+
+Two sources, tried in this order unless ``DW_D2_DETECTRON2`` picks one:
+
+* ``upstream``: Detectron2's git repository, built with its compiled operators. Used when
+  the repository is reachable (``git ls-remote`` answers within a few seconds).
+* ``snapshot``: the PyPI source distribution ``pb1-detectron2==0.6``, whose Python code is
+  upstream Detectron2 at commit 72e9dd6e (2021-10-27) but which ships no C++/CUDA sources.
+  We verify its sha256, install its Python package only, and add a ``detectron2._C``
+  stand-in that raises a clear error naming the missing operator if anything calls one.
+  That snapshot needs Pillow < 10 (``Image.LINEAR``) and setuptools < 81 (``pkg_resources``),
+  which are pinned on this path only.
+
+The source that was installed is recorded in ``detectron2/_dw_d2_source.txt`` inside the
+installed package, which ``python -m dw_d2.env`` reports.
+"""
+import argparse
+import hashlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+UPSTREAM_URL = "https://github.com/facebookresearch/detectron2.git"
+SNAPSHOT_REQUIREMENT = "pb1-detectron2==0.6"
+SNAPSHOT_SDIST = "pb1-detectron2-0.6.tar.gz"
+SNAPSHOT_SHA256 = "5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29"
+SNAPSHOT_COMMIT = "72e9dd6e"
+# The snapshot's own install_requires, less `black` (only used to pretty-print LazyConfig
+# files; its 2021 pin does not install on current Pythons), plus the two pins it needs.
+SNAPSHOT_RUNTIME_REQUIREMENTS = [
+    "Pillow>=7.1,<10",
+    "setuptools<81",
+    "matplotlib",
+    "pycocotools>=2.0.2",
+    "termcolor>=1.1",
+    "yacs>=0.1.8",
+    "tabulate",
+    "cloudpickle",
+    "tqdm>4.29.0",
+    "tensorboard",
+    "fvcore>=0.1.5,<0.1.6",
+    "iopath>=0.1.7,<0.1.10",
+    "future",
+    "pydot",
+    "omegaconf>=2.1",
+    "hydra-core>=1.1",
+]
+SOURCE_MARKER = "_dw_d2_source.txt"
+
+STANDIN_C = '''\
+"""Stand-in for Detectron2's compiled extension, written by dw-d2's installer.
+
+This Detectron2 was installed from the PyPI source snapshot ({requirement}), which ships no
+C++/CUDA sources. dw-d2 needs none of the compiled operators; anything that calls one gets
+this error instead of a crash deep inside Detectron2.
+"""
+
+__dw_d2_standin__ = True
+
+
+class MissingCompiledOperator(RuntimeError, AttributeError):
+    """Raised when code asks for an operator of Detectron2's compiled extension."""
+
+
+def __getattr__(name):
+    if name.startswith("__") and name.endswith("__"):
+        raise AttributeError(name)
+    raise MissingCompiledOperator(
+        f"detectron2._C.{{name}} is a compiled Detectron2 operator, and this Detectron2 was "
+        f"installed without compiled operators (PyPI source snapshot {requirement}). "
+        f"Install Detectron2 from its git repository to use it "
+        f"(DW_D2_DETECTRON2=upstream make setup)."
+    )
+'''
+
+
+def log(msg):
+    print(f"[install_detectron2] {msg}", flush=True)
+
+
+def pip(*args):
+    cmd = [sys.executable, "-m", "pip", *args]
+    log(" ".join(cmd))
+    subprocess.check_call(cmd)
+
+
+def installed_source():
+    spec = importlib.util.find_spec("detectron2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    marker = Path(list(spec.submodule_search_locations)[0]) / SOURCE_MARKER
+    return marker.read_text().strip() if marker.exists() else "unknown (installed outside dw-d2)"
+
+
+def upstream_reachable(timeout=15):
+    if shutil.which("git") is None:
+        return False
+    try:
+        subprocess.run(
+            ["git", "ls-remote", "--exit-code", UPSTREAM_URL, "HEAD"],
+            check=True, timeout=timeout, capture_output=True,
+            env={**os.environ, "GIT_TERMINAL_PROMPT": "0"},
+        )
+        return True
+    except (subprocess.SubprocessError, OSError):
+        return False
+
+
+def install_upstream():
+    pip("install", "--no-build-isolation", f"git+{UPSTREAM_URL}")
+    spec = importlib.util.find_spec("detectron2")
+    pkg_dir = Path(list(spec.submodule_search_locations)[0])
+    (pkg_dir / SOURCE_MARKER).write_text(f"upstream ({UPSTREAM_URL})\n")
+
+
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch_snapshot(cache_dir: Path) -> Path:
+    sdist = cache_dir / SNAPSHOT_SDIST
+    if not sdist.exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        # --no-build-isolation: the sdist's setup.py imports torch to prepare its metadata.
+        pip("download", "--no-deps", "--no-binary", ":all:", "--no-build-isolation",
+            "-d", str(cache_dir), SNAPSHOT_REQUIREMENT)
+    actual = sha256_of(sdist)
+    if actual != SNAPSHOT_SHA256:
+        raise SystemExit(
+            f"{sdist}: sha256 {actual} does not match the pinned {SNAPSHOT_SHA256}; "
+            "refusing to install it. Delete the file to download it again."
+        )
+    log(f"{sdist.name}: sha256 verified")
+    return sdist
+
+
+def install_snapshot(cache_dir: Path):
+    sdist = fetch_snapshot(cache_dir)
+    with tempfile.TemporaryDirectory(prefix="d2-snapshot-") as tmp:
+        tmp = Path(tmp)
+        with tarfile.open(sdist) as tar:
+            tar.extractall(tmp, filter="data")
+        src = tmp / "pb1-detectron2-0.6"
+        build = tmp / "build"
+        shutil.copytree(src / "detectron2", build / "detectron2")
+        shutil.copy(src / "LICENSE", build / "LICENSE")
+        (build / "detectron2" / "_C.py").write_text(
+            STANDIN_C.format(requirement=SNAPSHOT_REQUIREMENT))
+        (build / "detectron2" / SOURCE_MARKER).write_text(
+            f"snapshot ({SNAPSHOT_REQUIREMENT}, upstream commit {SNAPSHOT_COMMIT}, "
+            f"sha256 {SNAPSHOT_SHA256[:12]}..., Python only)\n")
+        (build / "setup.py").write_text(
+            "from setuptools import find_packages, setup\n"
+            "setup(name='detectron2', version='0.6+snapshot', license='Apache-2.0',\n"
+            "      packages=find_packages(include=['detectron2', 'detectron2.*']),\n"
+            "      package_data={'detectron2': ['_dw_d2_source.txt']},\n"
+            f"      install_requires={SNAPSHOT_RUNTIME_REQUIREMENTS!r})\n")
+        pip("install", "--no-build-isolation", str(build))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--source", choices=["auto", "upstream", "snapshot"],
+                        default=os.environ.get("DW_D2_DETECTRON2", "auto"))
+    parser.add_argument("--cache-dir", type=Path, default=Path(".cache") / "detectron2")
+    parser.add_argument("--force", action="store_true", help="reinstall even if present")
+    args = parser.parse_args()
+
+    current = installed_source()
+    if current is not None and not args.force:
+        wanted = args.source
+        if wanted == "auto" or current.startswith(wanted):
+            log(f"Detectron2 already installed: {current}")
+            return
+    source = args.source
+    if source == "auto":
+        source = "upstream" if upstream_reachable() else "snapshot"
+        if source == "snapshot":
+            log("Detectron2's git repository is not reachable: using the PyPI source snapshot")
+    if source == "upstream":
+        install_upstream()
+    else:
+        install_snapshot(args.cache_dir)
+    importlib.invalidate_caches()
+    log(f"installed Detectron2 from: {installed_source()}")
+
+
+if __name__ == "__main__":
+    main()
