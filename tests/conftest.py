@@ -1,0 +1,57 @@
+"""Shared test fixtures: where the golden reference cases live, and their per-kind lists."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# The golden cases sit in ``shared/golden`` beside the repository; DW_D2_GOLDEN overrides it.
+GOLDEN_DIR = Path(os.environ.get("DW_D2_GOLDEN", Path(__file__).resolve().parents[2] / "shared" / "golden"))
+
+
+def golden_case_files(kind):
+    """File names of the golden cases of one kind (``dw_loss``, ...) as listed in index.json."""
+    if not GOLDEN_DIR.is_dir():
+        return []
+    cases = json.loads((GOLDEN_DIR / "index.json").read_text())["cases"]
+    return [case["file"] for case in cases if case["kind"] == kind]
+
+
+@pytest.fixture(scope="session")
+def golden_dir():
+    """The golden folder; tests that use it are skipped when it is absent."""
+    if not GOLDEN_DIR.is_dir():
+        pytest.skip(f"golden cases not found at {GOLDEN_DIR} (set DW_D2_GOLDEN)")
+    return GOLDEN_DIR
+
+
+def pytest_generate_tests(metafunc):
+    """A test argument named ``golden_<kind>_case`` runs once per golden case of that kind and
+    receives the loaded case dict (e.g. ``golden_dw_loss_case``)."""
+    for name in metafunc.fixturenames:
+        if name.startswith("golden_") and name.endswith("_case"):
+            kind = name[len("golden_"):-len("_case")]
+            files = golden_case_files(kind)
+            if files:
+                metafunc.parametrize(name, files, ids=files, indirect=True)
+            else:
+                metafunc.parametrize(name, [pytest.param(None, marks=pytest.mark.skip(
+                    reason=f"no golden {kind} cases at {GOLDEN_DIR} (set DW_D2_GOLDEN)"))],
+                    indirect=True)
+
+
+def _load_golden_case(request):
+    if request.param is None:
+        pytest.skip("golden case missing")
+    return torch.load(GOLDEN_DIR / request.param, weights_only=True)
+
+
+@pytest.fixture
+def golden_dw_loss_case(request):
+    return _load_golden_case(request)
+
+
+@pytest.fixture
+def golden_autoassign_loss_case(request):
+    return _load_golden_case(request)
