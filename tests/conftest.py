@@ -7,7 +7,8 @@ import pytest
 import torch
 
 # The golden cases sit in ``shared/golden`` beside the repository; DW_D2_GOLDEN overrides it.
-GOLDEN_DIR = Path(os.environ.get("DW_D2_GOLDEN", Path(__file__).resolve().parents[2] / "shared" / "golden"))
+GOLDEN_DIR = Path(os.environ.get(
+    "DW_D2_GOLDEN", Path(__file__).resolve().parents[2] / "shared" / "golden"))
 
 
 def golden_case_files(kind):
@@ -55,3 +56,25 @@ def golden_dw_loss_case(request):
 @pytest.fixture
 def golden_autoassign_loss_case(request):
     return _load_golden_case(request)
+
+
+# The golden README's bound for float64 re-implementations; never loosened to make a test pass.
+GOLDEN_RTOL = 1e-9
+
+
+def _assert_golden_close(actual, expected, what):
+    assert actual.shape == expected.shape, \
+        f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    if expected.dtype == torch.bool:
+        assert torch.equal(actual, expected), f"{what}: masks differ"
+        return
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    torch.testing.assert_close(actual.detach(), expected, rtol=GOLDEN_RTOL, atol=0,
+                               msg=lambda message: f"{what}: {message}")
+
+
+@pytest.fixture
+def assert_golden_close():
+    """``assert_golden_close(actual, expected, what)``: masks exactly equal, numbers within
+    1e-9 relative (no absolute slack), same shape and dtype."""
+    return _assert_golden_close

@@ -71,7 +71,8 @@ def autoassign_loss(points, strides, cls_logits, box_dists, obj_logits, gt_boxes
     device = cls_logits.device
     with autocast_disabled(device):
         points, strides = points.to(dtype), strides.to(dtype)
-        cls_logits, box_dists, obj_logits = cls_logits.to(dtype), box_dists.to(dtype), obj_logits.to(dtype)
+        cls_logits, box_dists = cls_logits.to(dtype), box_dists.to(dtype)
+        obj_logits = obj_logits.to(dtype)
         prior_mean, prior_sigma = prior_mean.to(dtype), prior_sigma.to(dtype)
         gt = concat_ground_truth(gt_boxes, gt_classes, dtype, device)
         check_class_range(gt.classes, num_classes)
@@ -97,13 +98,14 @@ def autoassign_loss(points, strides, cls_logits, box_dists, obj_logits, gt_boxes
         # Positive: per GT, a confidence- and prior-weighted mean of p_pos (w+ keeps its graph).
         p_pos = p_cls * p_loc
         weighted_prior = torch.exp(p_pos * confidence_temperature) * prior
-        pos_weight = weighted_prior / segment_sum(weighted_prior, pairs.gt, gt.num_boxes).clamp(
-            min=EPS)[pairs.gt]
+        weight_sum = segment_sum(weighted_prior, pairs.gt, gt.num_boxes).clamp(min=EPS)
+        pos_weight = weighted_prior / weight_sum[pairs.gt]
         gt_p_pos = segment_sum(p_pos * pos_weight, pairs.gt, gt.num_boxes)
         # sum w+ can round to 1 + ulp where p_pos == 1 (saturated scores, exact boxes); the
         # official code would then fail BCE's [0, 1] input check.
         gt_p_pos = gt_p_pos.clamp(max=1)
-        pos_sum = F.binary_cross_entropy(gt_p_pos, torch.ones_like(gt_p_pos), reduction="none").sum()
+        pos_sum = F.binary_cross_entropy(gt_p_pos, torch.ones_like(gt_p_pos),
+                                         reduction="none").sum()
 
         # Negative: the score, scaled down where the prediction localises a GT box well.
         iou = _best_iou_at_candidates(points, box_dists, pairs, gt, num_points, box_eps)
@@ -120,7 +122,8 @@ def autoassign_loss(points, strides, cls_logits, box_dists, obj_logits, gt_boxes
                                    gt.counts_tensor.to(dtype) / image_prior_sum.clamp(min=EPS),
                                    image_prior_sum * 0)
 
-        pos_avg_factor = mean_over_workers(torch.tensor(float(gt.num_boxes), dtype=dtype, device=device))
+        pos_avg_factor = mean_over_workers(
+            torch.tensor(float(gt.num_boxes), dtype=dtype, device=device))
         neg_avg_factor = mean_over_workers(prior.detach().sum())
         if gt.num_boxes > 0:
             loss_pos = pos_sum * pos_loss_weight / pos_avg_factor
@@ -196,5 +199,6 @@ def _negative_weight(iou, pairs, pair_score_index, score_shape, num_boxes, dupli
         high = segment_max(value, pairs.gt, num_boxes)[pairs.gt]
         value = (value - low + EPS) / (high - low + EPS)
         neg_weight = torch.ones(score_shape, dtype=iou.dtype, device=iou.device)
-        write_pair_values(neg_weight.view(-1), pair_score_index, 1 - value, pairs.gt, duplicate_rule)
+        write_pair_values(neg_weight.view(-1), pair_score_index, 1 - value, pairs.gt,
+                          duplicate_rule)
     return neg_weight

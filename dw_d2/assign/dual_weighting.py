@@ -20,7 +20,8 @@ from .box_overlap import aligned_iou_and_giou, decode_distances, redecode_boxes
 from .common import (EPS, autocast_disabled, check_class_range, check_dense_inputs,
                      mean_over_workers, segment_max, segment_min, segment_sum, weighting_dtype,
                      write_pair_values)
-from .pairs import box_centers, center_prior, concat_ground_truth, dense_pair_map, find_candidate_pairs
+from .pairs import (box_centers, center_prior, concat_ground_truth, dense_pair_map,
+                    find_candidate_pairs)
 
 __all__ = ["dual_weighting_loss"]
 
@@ -75,7 +76,8 @@ def dual_weighting_loss(points, strides, cls_logits, box_dists, ctr_logits, gt_b
     with autocast_disabled(device):
         num_images, num_points, num_classes = cls_logits.shape
         points, strides = points.to(dtype), strides.to(dtype)
-        cls_logits, box_dists, ctr_logits = cls_logits.to(dtype), box_dists.to(dtype), ctr_logits.to(dtype)
+        cls_logits, box_dists = cls_logits.to(dtype), box_dists.to(dtype)
+        ctr_logits = ctr_logits.to(dtype)
         gt = concat_ground_truth(gt_boxes, gt_classes, dtype, device)
         check_class_range(gt.classes, num_classes)
         pairs = find_candidate_pairs(points, gt)
@@ -95,6 +97,8 @@ def dual_weighting_loss(points, strides, cls_logits, box_dists, ctr_logits, gt_b
         prior = center_prior(pair_points, strides[pairs.point], box_centers(gt.boxes)[pairs.gt],
                              None, torch.tensor(center_prior_sigma, dtype=dtype, device=device))
 
+        # w+ is detached (as in the official head): scores and boxes learn only through the
+        # BCE terms it weights, never by moving the weights themselves.
         with torch.no_grad():
             p_pos = p_cls * p_loc
             numerator = torch.exp(pos_num_exp * p_pos) * p_pos * prior
@@ -106,8 +110,8 @@ def dual_weighting_loss(points, strides, cls_logits, box_dists, ctr_logits, gt_b
         cls_pos_sum = (F.binary_cross_entropy(p_cls, ones, reduction="none") * pos_weight).sum()
         loc_sum = (F.binary_cross_entropy(p_loc, ones, reduction="none") * pos_weight).sum()
 
-        neg_weight, neg_values = _negative_weight(iou, pairs, pair_score_index, joint_score.shape,
-                                                  gt.num_boxes, neg_iou_thresh, duplicate_rule)
+        neg_weight = _negative_weight(iou, pairs, pair_score_index, joint_score.shape,
+                                      gt.num_boxes, neg_iou_thresh, duplicate_rule)
         neg_avg_factor = (1 - neg_weight).sum(dim=(1, 2)).sum()
         neg_sum = (neg_weight * joint_score ** neg_gamma
                    * F.binary_cross_entropy(joint_score, torch.zeros_like(joint_score),
@@ -128,7 +132,6 @@ def dual_weighting_loss(points, strides, cls_logits, box_dists, ctr_logits, gt_b
             # Official quirk (D10): without any GT box in the batch the localisation loss is a
             # constant 0 with no autograd graph (mmdet's empty IoU is a fresh tensor).
             losses["loss_loc"] = losses["loss_loc"].detach()
-        losses["loss_cls_neg"] = losses["loss_cls_neg"].to(dtype)
         if not return_weights:
             return losses
 
@@ -138,7 +141,7 @@ def dual_weighting_loss(points, strides, cls_logits, box_dists, ctr_logits, gt_b
 
 def _negative_weight(iou, pairs, pair_score_index, score_shape, num_boxes, neg_iou_thresh,
                      duplicate_rule):
-    """w- (N, R, C): 1, except at (r, c_m) for candidates r of GT m, and the per-pair values."""
+    """w- (N, R, C): 1, except the normalised negative value at (r, c_m) for candidates r of m."""
     with torch.no_grad():
         # The official order of operations: t(x) = x**2 / (thr**2 - 1) - 1 / (thr**2 - 1).
         scale = 1 / (neg_iou_thresh ** _NEG_IOU_EXPONENT - 1)
@@ -149,7 +152,7 @@ def _negative_weight(iou, pairs, pair_score_index, score_shape, num_boxes, neg_i
         value = torch.where(iou < neg_iou_thresh, torch.ones_like(value), value)
         neg_weight = torch.ones(score_shape, dtype=iou.dtype, device=iou.device)
         write_pair_values(neg_weight.view(-1), pair_score_index, value, pairs.gt, duplicate_rule)
-    return neg_weight, value
+    return neg_weight
 
 
 def _per_image_weights(pairs, gt, num_points, prior, pos_weight, iou, neg_weight):

@@ -87,8 +87,9 @@ def add_topk_pairs_for_empty_boxes(pairs: CandidatePairs, points: Tensor, stride
         return pairs
     with torch.no_grad():
         classes = gt.classes[empty_boxes]
-        prior = center_prior(points[:, None, :], strides[:, None], box_centers(gt.boxes[empty_boxes])[None],
-                             prior_mean[classes][None], prior_sigma[classes][None])
+        prior = center_prior(points[:, None, :], strides[:, None],
+                             box_centers(gt.boxes[empty_boxes])[None],
+                             prior_mean[classes][None], prior_sigma[classes][None])  # (R, E)
         top_points = prior.topk(min(topk, points.shape[0]), dim=0).indices  # (k, E)
     new_gt = empty_boxes[None].expand_as(top_points).reshape(-1)
     gt_index = torch.cat([pairs.gt, new_gt])
