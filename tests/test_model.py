@@ -1,0 +1,346 @@
+"""DWDetector, DWHead, the backbone, the centre prior and the points, on tiny models."""
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+from detectron2.structures import Boxes, ImageList, Instances
+
+from dw_d2 import add_dw_config, refine_box_distances
+from dw_d2.modeling import CenterPrior, DWDetector, DWHead, PointGrid
+
+REPO = Path(__file__).resolve().parents[1]
+BUILTIN_CONFIG = REPO / "configs" / "Builtin" / "dw_R_18_FPN_shapes.yaml"
+GOLDEN_DIR = Path(
+    os.environ.get("DW_D2_GOLDEN", Path(__file__).resolve().parents[2] / "shared" / "golden")
+)
+NUM_CLASSES = 4
+
+
+def tiny_cfg(*overrides):
+    """The built-in DW config, shrunk so that a model builds and runs in well under a second."""
+    cfg = get_cfg()
+    add_dw_config(cfg)
+    cfg.merge_from_file(str(BUILTIN_CONFIG))
+    cfg.merge_from_list([
+        "MODEL.DEVICE", "cpu",
+        "MODEL.FPN.OUT_CHANNELS", 64,
+        "MODEL.DW.NUM_CONVS", 1,
+        "MODEL.DW.NUM_CLASSES", NUM_CLASSES,
+        *overrides,
+    ])
+    return cfg
+
+
+def tiny_model(*overrides, seed=0):
+    torch.manual_seed(seed)
+    return build_model(tiny_cfg(*overrides))
+
+
+def image_input(height, width, boxes=(), classes=(), seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    image = torch.randint(0, 256, (3, height, width), generator=generator).float()
+    instances = Instances((height, width))
+    instances.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+    instances.gt_classes = torch.tensor(classes, dtype=torch.int64)
+    return {"image": image, "instances": instances, "height": height, "width": width}
+
+
+def test_builtin_config_builds_the_dw_detector():
+    model = tiny_model()
+    assert isinstance(model, DWDetector)
+    assert model.assigner == "DW"
+    assert model.point_offset == 0.5
+    assert model.strides == [8, 16, 32, 64, 128]
+    assert model.head.box_refinement
+
+
+@pytest.mark.parametrize(
+    "config", sorted((REPO / "configs").glob("**/*.yaml")), ids=lambda p: p.name
+)
+def test_every_config_merges(config):
+    cfg = get_cfg()
+    add_dw_config(cfg)
+    cfg.merge_from_file(str(config))
+    assert cfg.MODEL.META_ARCHITECTURE == "DWDetector"
+    assert cfg.MODEL.DW.ASSIGNER in ("DW", "AutoAssign")
+
+
+def test_backbone_p6_comes_from_p5_output():
+    model = tiny_model()
+    top_block = model.backbone.top_block
+    assert top_block.in_feature == "p5"
+    assert top_block.p6.in_channels == 64  # FPN channels, not C5's 512
+    images = torch.zeros(1, 3, 64, 64)
+    features = model.backbone(images)
+    assert torch.allclose(top_block.p6(features["p5"]), features["p6"])
+
+
+def test_head_output_shapes_for_an_odd_image_size():
+    model = tiny_model().eval()
+    images = model.preprocess_image([image_input(97, 131)])
+    # Padded to a multiple of 32 (128 x 160); level l has size ceil(padded / stride).
+    assert images.tensor.shape[-2:] == (128, 160)
+    features = model.backbone(images.tensor)
+    cls_logits, box_dists, ctr_logits, offsets = model.head(
+        [features[f] for f in model.head_in_features]
+    )
+    expected_sizes = [(16, 20), (8, 10), (4, 5), (2, 3), (1, 2)]
+    for level, (h, w) in enumerate(expected_sizes):
+        assert cls_logits[level].shape == (1, NUM_CLASSES, h, w)
+        assert box_dists[level].shape == (1, 4, h, w)
+        assert ctr_logits[level].shape == (1, 1, h, w)
+        assert offsets[level].shape == (1, 8, h, w)
+        assert box_dists[level].min() >= 0
+
+
+def test_head_initialisation_follows_the_official_head():
+    head = tiny_model().head
+    assert torch.allclose(
+        head.cls_score.bias, torch.full((NUM_CLASSES,), -math.log((1 - 0.02) / 0.02))
+    )
+    assert torch.equal(head.distance_pred.bias, torch.full((4,), 4.0))
+    assert torch.equal(head.centerness_pred.bias, torch.zeros(1))
+    assert torch.equal(head.refine_offset_pred.bias, torch.zeros(8))
+    assert torch.equal(head.scales.data, torch.ones(5))
+    tower_convs = [m for m in head.cls_tower if isinstance(m, torch.nn.Conv2d)]
+    assert all(torch.equal(conv.bias, torch.zeros_like(conv.bias)) for conv in tower_convs)
+    assert isinstance(head.cls_tower[1], torch.nn.GroupNorm)
+    weights = torch.cat([head.reg_tower[0].weight.flatten(), head.cls_score.weight.flatten()])
+    assert 0.008 < weights.std().item() < 0.012
+
+
+def test_initial_distances_are_bias_times_stride():
+    head = DWHead(
+        input_shape=[_shape(32, 8), _shape(32, 16)], num_classes=2, num_convs=1,
+        distance_bias_init=4.0,
+    )
+    with torch.no_grad():
+        head.distance_pred.weight.zero_()
+    _, box_dists, _, _ = head([torch.randn(1, 32, 4, 4), torch.randn(1, 32, 2, 2)])
+    assert torch.equal(box_dists[0], torch.full((1, 4, 4, 4), 32.0))
+    assert torch.equal(box_dists[1], torch.full((1, 4, 2, 2), 64.0))
+
+
+def test_box_refinement_toggles_the_offset_conv():
+    with_refinement = tiny_model("MODEL.DW.BOX_REFINEMENT", True)
+    without = tiny_model("MODEL.DW.BOX_REFINEMENT", False)
+    assert any("refine_offset_pred" in k for k in with_refinement.state_dict())
+    assert not any("refine_offset_pred" in k for k in without.state_dict())
+    assert without.head.refine_offset_pred is None
+    features = [torch.randn(1, 64, 4, 4)] * 5
+    assert without.head(features)[3] is None
+
+
+def test_loss_and_inference_use_the_refined_distances():
+    model = tiny_model().eval()
+    batch = [image_input(64, 96)]
+    images = model.preprocess_image(batch)
+    features = model.backbone(images.tensor)
+    features = [features[f] for f in model.head_in_features]
+    predictions = model.head(features)
+    _, flat_dists, _ = model.flatten_predictions(predictions)
+    _, coarse, _, offsets = predictions
+    expected = refine_box_distances(coarse[0], offsets[0], 8, 0.5)
+    assert torch.equal(flat_dists[0], expected.permute(0, 2, 3, 1).reshape(1, -1, 4))
+
+
+def test_center_prior_is_fixed_for_dw_and_learnable_for_autoassign():
+    dw = tiny_model()
+    mean, sigma = dw.center_prior()
+    assert torch.equal(mean, torch.zeros(NUM_CLASSES, 2))
+    assert torch.equal(sigma, torch.full((NUM_CLASSES, 2), 1.11))
+    assert not any(n.startswith("center_prior") for n, _ in dw.named_parameters())
+
+    autoassign = tiny_model("MODEL.DW.ASSIGNER", "AutoAssign")
+    names = {n for n, _ in autoassign.named_parameters()}
+    assert {"center_prior.mean", "center_prior.sigma"} <= names
+    assert {"center_prior.mean", "center_prior.sigma"} <= set(autoassign.state_dict())
+    assert torch.equal(autoassign.center_prior.sigma, torch.ones(NUM_CLASSES, 2))
+
+
+def test_point_offset_defaults_per_scheme_and_can_be_set():
+    assert tiny_model("MODEL.DW.ASSIGNER", "AutoAssign").point_offset == 0.0
+    assert tiny_model("MODEL.DW.ASSIGNER", "autoassign").assigner == "AutoAssign"
+    assert tiny_model("MODEL.DW.POINT_OFFSET", 0.25).point_offset == 0.25
+
+
+@pytest.mark.skipif(not GOLDEN_DIR.is_dir(), reason=f"golden folder {GOLDEN_DIR} is absent")
+@pytest.mark.parametrize("case", ["dw_loss_02.pt", "autoassign_loss_01.pt"])
+def test_points_match_the_official_generator(case):
+    golden = torch.load(GOLDEN_DIR / case, weights_only=True)
+    grid = PointGrid(golden["strides"], golden["point_offset"])
+    points, strides = grid([tuple(s) for s in golden["featmap_sizes"]], dtype=torch.float64)
+    assert torch.equal(points, golden["points"])
+    assert torch.equal(strides, golden["point_strides"])
+
+
+def test_point_grid_caches_per_size():
+    grid = PointGrid([8, 16], 0.5)
+    first = grid([(2, 3), (1, 2)])
+    assert grid([(2, 3), (1, 2)])[0] is first[0]
+    assert grid([(4, 3), (2, 2)])[0].shape == (16, 2)
+
+
+def test_inference_output_format_and_rescaling():
+    # A prior probability of 0.5 gives scores of about 0.25, above the 0.05 threshold.
+    model = tiny_model("MODEL.DW.PRIOR_PROB", 0.5, "TEST.DETECTIONS_PER_IMAGE", 7).eval()
+    batch = [image_input(97, 131), image_input(64, 80, seed=1)]
+    batch[0].update(height=194, width=262)  # the caller asks for twice the input size
+    with torch.no_grad():
+        outputs = model(batch)
+    assert len(outputs) == 2
+    for output, (height, width) in zip(outputs, [(194, 262), (64, 80)]):
+        instances = output["instances"]
+        assert instances.image_size == (height, width)
+        assert set(instances.get_fields()) == {"pred_boxes", "scores", "pred_classes"}
+        assert 0 < len(instances) <= 7
+        boxes = instances.pred_boxes.tensor
+        assert boxes[:, 0::2].min() >= 0 and boxes[:, 0::2].max() <= width
+        assert boxes[:, 1::2].min() >= 0 and boxes[:, 1::2].max() <= height
+        assert instances.scores.min() > 0.05
+        assert torch.all(instances.scores[:-1] >= instances.scores[1:])
+        assert instances.pred_classes.dtype == torch.int64
+        assert instances.pred_classes.max() < NUM_CLASSES
+    # The rescaled boxes span the doubled frame (initial boxes are 4 strides wide).
+    assert outputs[0]["instances"].pred_boxes.tensor[:, 2].max() > 131
+
+
+def _shape(channels, stride):
+    from detectron2.layers import ShapeSpec
+
+    return ShapeSpec(channels=channels, stride=stride)
+
+
+def test_inference_decodes_thresholds_and_suppresses():
+    model = tiny_model("MODEL.DW.BOX_REFINEMENT", False).eval()
+    sizes = [(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)]
+    features = [torch.zeros(1, 64, h, w) for h, w in sizes]
+    cls_logits = [torch.full((1, NUM_CLASSES, h, w), -20.0) for h, w in sizes]
+    ctr_logits = [torch.full((1, 1, h, w), 20.0) for h, w in sizes]
+    box_dists = [torch.full((1, 4, h, w), 4.0) for h, w in sizes]
+    # P3 cell (y=2, x=3): point (28, 20); class 1 with score ~0.9, box (18, 14, 36, 26).
+    cls_logits[0][0, 1, 2, 3] = 2.2
+    box_dists[0][0, :, 2, 3] = torch.tensor([10.0, 6.0, 8.0, 6.0])
+    # Its neighbour (x=4), same class, same box shifted by 2 px: suppressed by NMS.
+    cls_logits[0][0, 1, 2, 4] = 1.0
+    box_dists[0][0, :, 2, 4] = torch.tensor([16.0, 6.0, 2.0, 6.0])
+    # Same place, another class: kept (NMS is class-wise).
+    cls_logits[0][0, 3, 2, 4] = 0.0
+    # Below the 0.05 threshold: dropped.
+    cls_logits[0][0, 2, 0, 0] = -3.5
+    # P4 cell (y=0, x=0): point (8, 8), box extends outside the image: clipped.
+    cls_logits[1][0, 0, 0, 0] = 1.5
+    box_dists[1][0, :, 0, 0] = torch.tensor([20.0, 20.0, 20.0, 20.0])
+    images = ImageList(torch.zeros(1, 3, 64, 64), [(60, 50)])
+    results = model.forward_inference(images, features, (cls_logits, box_dists, ctr_logits, None))
+    (result,) = results
+    order = result.pred_classes.tolist()
+    assert order == [1, 0, 3]
+    boxes = result.pred_boxes.tensor
+    assert torch.allclose(boxes[0], torch.tensor([18.0, 14.0, 36.0, 26.0]))
+    assert torch.allclose(boxes[1], torch.tensor([0.0, 0.0, 28.0, 28.0]))
+    assert torch.allclose(boxes[2], torch.tensor([20.0, 14.0, 38.0, 26.0]))
+    expected_top = torch.sigmoid(torch.tensor(2.2)) * torch.sigmoid(torch.tensor(20.0))
+    assert torch.isclose(result.scores[0], expected_top)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (("MODEL.DW.ASSIGNER", "ATSS"), r"MODEL.DW.ASSIGNER 'ATSS' is not one of \('DW', 'AutoAssign'\)"),
+        (("MODEL.DW.NUM_CLASSES", 0), r"MODEL.DW.NUM_CLASSES must be >= 1, got 0"),
+        (("MODEL.DW.IN_FEATURES", ["p3", "p8"]), r"MODEL.DW.IN_FEATURES \['p3', 'p8'\] names \['p8'\]"),
+        (("MODEL.DW.DUPLICATE_RULE", "first"), r"MODEL.DW.DUPLICATE_RULE 'first' is not one of"),
+        (("MODEL.DW.POINT_OFFSET", 1.5), r"MODEL.DW.POINT_OFFSET must be None or a number"),
+        (("MODEL.FPN.OUT_CHANNELS", 48), r"'GN' uses 32 groups, which must divide .* \(48"),
+        (("MODEL.DW.NORM", "BN"), r"norm 'BN' is not supported"),
+    ],
+    ids=["assigner", "num_classes", "in_features", "duplicate_rule", "point_offset", "gn", "bn"],
+)
+def test_config_errors_are_clear(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        build_model(tiny_cfg(*overrides))
+
+
+def test_missing_dw_section_is_a_clear_error():
+    cfg = get_cfg()
+    cfg.MODEL.META_ARCHITECTURE = "DWDetector"
+    cfg.MODEL.DEVICE = "cpu"
+    with pytest.raises(ValueError, match="add_dw_config"):
+        build_model(cfg)
+
+
+def test_center_prior_rejects_bad_values():
+    with pytest.raises(ValueError, match="num_classes >= 1"):
+        CenterPrior(0, learnable=False, init_mean=0.0, init_sigma=1.0)
+    with pytest.raises(ValueError, match="init_sigma > 0"):
+        CenterPrior(3, learnable=False, init_mean=0.0, init_sigma=0.0)
+
+
+# Training: the losses come from dw_d2.assign.
+
+def training_batch():
+    return [
+        image_input(64, 96, boxes=[[8.0, 10.0, 40.0, 50.0], [50.0, 4.0, 90.0, 30.0]],
+                    classes=[1, 3]),
+        image_input(64, 96, seed=1),  # no GT box
+    ]
+
+
+@pytest.mark.parametrize("assigner", ["DW", "AutoAssign"])
+def test_training_returns_finite_losses_with_gradients(assigner):
+    model = tiny_model("MODEL.DW.ASSIGNER", assigner).train()
+    from detectron2.utils.events import EventStorage
+
+    with EventStorage():
+        losses = model(training_batch())
+    expected = (
+        {"loss_cls_pos", "loss_loc", "loss_cls_neg"}
+        if assigner == "DW" else {"loss_pos", "loss_neg", "loss_center"}
+    )
+    assert set(losses) == expected
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    assert model.head.cls_score.weight.grad.abs().sum() > 0
+    assert model.head.distance_pred.weight.grad.abs().sum() > 0
+    if assigner == "DW":
+        assert model.head.refine_offset_pred.weight.grad.abs().sum() > 0
+    else:
+        assert model.center_prior.sigma.grad is not None
+
+
+def test_training_on_images_without_gt_boxes():
+    model = tiny_model().train()
+    from detectron2.utils.events import EventStorage
+
+    batch = [image_input(64, 64), image_input(64, 64, seed=1)]
+    with EventStorage():
+        losses = model(batch)
+    assert losses["loss_cls_pos"].item() == 0.0
+    assert losses["loss_loc"].item() == 0.0
+    assert losses["loss_cls_neg"].item() > 0.0
+    sum(losses.values()).backward()
+    assert model.head.cls_score.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("assigner", ["DW", "AutoAssign"])
+def test_one_optimizer_step_lowers_the_loss(assigner):
+    model = tiny_model("MODEL.DW.ASSIGNER", assigner).train()
+    from detectron2.utils.events import EventStorage
+
+    batch = training_batch()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.0)
+    with EventStorage():
+        # BN in train mode sees the same batch both times, so only the step changes the loss.
+        before = sum(model(batch).values())
+        optimizer.zero_grad()
+        before.backward()
+        optimizer.step()
+        after = sum(model(batch).values())
+    assert after.item() < before.item()
