@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -52,16 +53,37 @@ SNAPSHOT_RUNTIME_REQUIREMENTS = [
     "hydra-core>=1.1",
 ]
 SOURCE_MARKER = "_dw_d2_source.txt"
+# Changes whenever this script installs the snapshot differently, so that an older install
+# is replaced on the next set-up.
+SNAPSHOT_MARKER = (f"snapshot ({SNAPSHOT_REQUIREMENT}, upstream commit {SNAPSHOT_COMMIT}, "
+                   f"sha256 {SNAPSHOT_SHA256[:12]}..., Python only, NumPy-alias fix)")
+# NumPy 1.24 removed the aliases np.int / np.float / np.bool, which the 2021 snapshot still
+# uses (for example in the class histogram that build_detection_train_loader prints).
+# Upstream Detectron2 replaced them by the builtins in 2022; the snapshot gets the same edit.
+NUMPY_ALIAS = re.compile(r"\bnp\.(int|float|bool)\b")
 
 STANDIN_C = '''\
 """Stand-in for Detectron2's compiled extension, written by dw-d2's installer.
 
 This Detectron2 was installed from the PyPI source snapshot ({requirement}), which ships no
 C++/CUDA sources. dw-d2 needs none of the compiled operators; anything that calls one gets
-this error instead of a crash deep inside Detectron2.
+this error instead of a crash deep inside Detectron2. The three build-information functions
+that Detectron2's ``collect_env_info`` (and so ``default_setup``) calls answer truthfully.
 """
 
 __dw_d2_standin__ = True
+
+
+def get_compiler_version():
+    return "none (Python-only Detectron2 snapshot: no compiled operators)"
+
+
+def get_cuda_version():
+    return "none (Python-only Detectron2 snapshot)"
+
+
+def has_cuda():
+    return False
 
 
 class MissingCompiledOperator(RuntimeError, AttributeError):
@@ -144,6 +166,18 @@ def fetch_snapshot(cache_dir: Path) -> Path:
     return sdist
 
 
+def replace_removed_numpy_aliases(package_dir: Path):
+    """Apply upstream's 2022 fix for NumPy >= 1.24 to the snapshot; returns the edited files."""
+    patched = []
+    for path in sorted(package_dir.rglob("*.py")):
+        text = path.read_text()
+        new_text = NUMPY_ALIAS.sub(lambda m: m.group(1), text)
+        if new_text != text:
+            path.write_text(new_text)
+            patched.append(str(path.relative_to(package_dir.parent)))
+    return patched
+
+
 def install_snapshot(cache_dir: Path):
     sdist = fetch_snapshot(cache_dir)
     with tempfile.TemporaryDirectory(prefix="d2-snapshot-") as tmp:
@@ -154,11 +188,12 @@ def install_snapshot(cache_dir: Path):
         build = tmp / "build"
         shutil.copytree(src / "detectron2", build / "detectron2")
         shutil.copy(src / "LICENSE", build / "LICENSE")
+        patched = replace_removed_numpy_aliases(build / "detectron2")
+        log(f"replaced removed NumPy aliases (np.int -> int, ...) in {len(patched)} files: "
+            + ", ".join(patched))
         (build / "detectron2" / "_C.py").write_text(
             STANDIN_C.format(requirement=SNAPSHOT_REQUIREMENT))
-        (build / "detectron2" / SOURCE_MARKER).write_text(
-            f"snapshot ({SNAPSHOT_REQUIREMENT}, upstream commit {SNAPSHOT_COMMIT}, "
-            f"sha256 {SNAPSHOT_SHA256[:12]}..., Python only)\n")
+        (build / "detectron2" / SOURCE_MARKER).write_text(SNAPSHOT_MARKER + "\n")
         (build / "setup.py").write_text(
             "from setuptools import find_packages, setup\n"
             "setup(name='detectron2', version='0.6+snapshot', license='Apache-2.0',\n"
@@ -178,8 +213,8 @@ def main():
 
     current = installed_source()
     if current is not None and not args.force:
-        wanted = args.source
-        if wanted == "auto" or current.startswith(wanted):
+        up_to_date = current.startswith("upstream") or current == SNAPSHOT_MARKER
+        if up_to_date and (args.source == "auto" or current.startswith(args.source)):
             log(f"Detectron2 already installed: {current}")
             return
     source = args.source
