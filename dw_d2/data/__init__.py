@@ -1,0 +1,33 @@
+"""dw-d2's data: the built-in ``dw_shapes`` dataset, annotation checks and the resumable loader.
+
+Importing this package registers ``dw_shapes_train`` and ``dw_shapes_val`` (generated on first
+load under ``$DW_D2_DATASETS/dw_shapes``; see :mod:`dw_d2.data.shapes`).
+"""
+from .build import ResumableTrainLoader, build_resumable_train_loader, load_training_dataset_dicts
+from .samplers import ResumableBatchSampler, aspect_ratio_group_ids
+from .shapes import (
+    SHAPE_CLASSES,
+    ensure_shapes_dataset,
+    generate_shapes_dataset,
+    prepare_dataset,
+    register_shapes_dataset,
+)
+from .validation import AnnotationError, load_dataset_dicts, validate_dataset_dicts
+
+register_shapes_dataset()
+
+__all__ = [
+    "AnnotationError",
+    "ResumableBatchSampler",
+    "ResumableTrainLoader",
+    "SHAPE_CLASSES",
+    "aspect_ratio_group_ids",
+    "build_resumable_train_loader",
+    "ensure_shapes_dataset",
+    "generate_shapes_dataset",
+    "load_dataset_dicts",
+    "load_training_dataset_dicts",
+    "prepare_dataset",
+    "register_shapes_dataset",
+    "validate_dataset_dicts",
+]
