@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from dw_d2 import autoassign_loss, dual_weighting_loss
-from dw_d2.assign.common import mean_over_workers
 
 STRIDES = (8, 16, 32, 64, 128)
 DW_LOSSES = ("loss_cls_pos", "loss_loc", "loss_cls_neg")
@@ -353,44 +352,3 @@ def test_bad_duplicate_rule_and_prior_shape_are_named():
     batch = make_batch()
     with pytest.raises(ValueError, match="prior_sigma"):
         run_aa(dict(batch, prior_sigma=batch["prior_sigma"][:2]))
-
-
-# --------------------------------------------------------------------------------------------
-# Distributed normalisers
-# --------------------------------------------------------------------------------------------
-def _distributed_worker(rank, world_size, init_file, batch, results):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world_size)
-    try:
-        averaged = mean_over_workers(torch.tensor(float(rank + 1), dtype=torch.float64))
-        losses = run_dw(image_batch(batch, rank))
-        results.put((rank, {"averaged": averaged.item(),
-                            **{name: value.item() for name, value in losses.items()}}))
-    finally:
-        dist.destroy_process_group()
-
-
-def test_normalisers_are_averaged_over_workers(tmp_path):
-    import torch.multiprocessing as mp
-
-    batch = make_batch(gt_per_image=(3, 1))
-    # fork: the workers inherit the imported modules, which keeps this test at about a second.
-    context = mp.get_context("fork")
-    results = context.SimpleQueue()
-    init_file = str(tmp_path / "init")
-    workers = [context.Process(target=_distributed_worker,
-                               args=(rank, 2, init_file, batch, results)) for rank in range(2)]
-    for worker in workers:
-        worker.start()
-    by_rank = dict(results.get() for _ in workers)
-    for worker in workers:
-        worker.join(timeout=60)
-    assert all(worker.exitcode == 0 for worker in workers), [worker.exitcode for worker in workers]
-    assert by_rank[0]["averaged"] == by_rank[1]["averaged"] == 1.5
-    # Each worker divides its own positive sum by the mean GT count, (3 + 1) / 2 = 2.
-    for rank, count in ((0, 3), (1, 1)):
-        single = run_dw(image_batch(batch, rank))
-        expected = single["loss_cls_pos"].item() * count / 2
-        assert by_rank[rank]["loss_cls_pos"] == pytest.approx(expected, rel=1e-12)

@@ -122,8 +122,9 @@ def autoassign_loss(points, strides, cls_logits, box_dists, obj_logits, gt_boxes
                                    gt.counts_tensor.to(dtype) / image_prior_sum.clamp(min=EPS),
                                    image_prior_sum * 0)
 
+        # Clamped after the mean over workers, as the official code: a worker may hold no GT.
         pos_avg_factor = mean_over_workers(
-            torch.tensor(float(gt.num_boxes), dtype=dtype, device=device))
+            torch.tensor(float(gt.num_boxes), dtype=dtype, device=device)).clamp(min=1)
         neg_avg_factor = mean_over_workers(prior.detach().sum())
         if gt.num_boxes > 0:
             loss_pos = pos_sum * pos_loss_weight / pos_avg_factor
