@@ -18,5 +18,6 @@ else:
     from .config import add_dw_config
     from . import data  # noqa: F401  (registers the built-in dataset)
     from . import modeling  # noqa: F401  (registers the meta-architecture and backbone)
+    from . import baselines  # noqa: F401  (registers FCOSBaseline, for comparisons)
 
 __version__ = "0.1.0"

@@ -16,7 +16,9 @@ On top of ``DefaultTrainer`` it
   iteration), saves ``model_before_nonfinite.pth`` before re-raising: the weights and optimizer
   state at that iteration (Detectron2 checks the loss before ``optimizer.step()``, so the failed
   step was not applied) and the batch's image files. It is not tagged as the last checkpoint:
-  ``--resume`` continues from the last periodic checkpoint, which nothing overwrites.
+  ``--resume`` continues from the last periodic checkpoint, which nothing overwrites;
+* when training ends, draws a validation image's detections and the training curves into
+  ``OUTPUT_DIR`` and says where they are.
 """
 import logging
 import os
@@ -84,6 +86,16 @@ class Trainer(DefaultTrainer):
         ``start_iter`` (0 without a checkpoint to resume)."""
         super().resume_or_load(resume=resume)
         self.train_loader.start_iter = self.start_iter
+
+    def train(self):
+        results = super().train()
+        if comm.is_main_process() and self.cfg.DATASETS.TEST:
+            # Imported here: drawing needs matplotlib and OpenCV, training does not.
+            from ..viz import write_run_pictures
+
+            for path in write_run_pictures(self.cfg, self.cfg.OUTPUT_DIR):
+                logger.info(f"Wrote {path}")
+        return results
 
     def run_step(self):
         try:
