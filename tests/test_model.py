@@ -70,6 +70,23 @@ def test_every_config_merges(config):
     assert cfg.MODEL.DW.ASSIGNER in ("DW", "AutoAssign")
 
 
+@pytest.mark.parametrize(
+    "config,refinement,p6_in_channels",
+    [("dw_R_50_FPN_1x.yaml", True, 256), ("dw_R_50_FPN_1x_norefine.yaml", False, 256),
+     ("autoassign_R_50_FPN_1x.yaml", False, 2048)],
+)
+def test_coco_configs_build(config, refinement, p6_in_channels):
+    cfg = get_cfg()
+    add_dw_config(cfg)
+    cfg.merge_from_file(str(REPO / "configs" / "COCO-Detection" / config))
+    cfg.MODEL.DEVICE = "cpu"
+    model = build_model(cfg)
+    assert model.head.box_refinement == refinement
+    assert model.head.cls_score.out_channels == 80
+    # DW feeds P6 from P5 (256 channels); MMDetection's AutoAssign from C5 (2048).
+    assert model.backbone.top_block.p6.in_channels == p6_in_channels
+
+
 def test_backbone_p6_comes_from_p5_output():
     model = tiny_model()
     top_block = model.backbone.top_block
@@ -252,9 +269,11 @@ def test_inference_decodes_thresholds_and_suppresses():
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (("MODEL.DW.ASSIGNER", "ATSS"), r"MODEL.DW.ASSIGNER 'ATSS' is not one of \('DW', 'AutoAssign'\)"),
+        (("MODEL.DW.ASSIGNER", "ATSS"),
+         r"MODEL.DW.ASSIGNER 'ATSS' is not one of \('DW', 'AutoAssign'\)"),
         (("MODEL.DW.NUM_CLASSES", 0), r"MODEL.DW.NUM_CLASSES must be >= 1, got 0"),
-        (("MODEL.DW.IN_FEATURES", ["p3", "p8"]), r"MODEL.DW.IN_FEATURES \['p3', 'p8'\] names \['p8'\]"),
+        (("MODEL.DW.IN_FEATURES", ["p3", "p8"]),
+         r"MODEL.DW.IN_FEATURES \['p3', 'p8'\] names \['p8'\]"),
         (("MODEL.DW.DUPLICATE_RULE", "first"), r"MODEL.DW.DUPLICATE_RULE 'first' is not one of"),
         (("MODEL.DW.POINT_OFFSET", 1.5), r"MODEL.DW.POINT_OFFSET must be None or a number"),
         (("MODEL.FPN.OUT_CHANNELS", 48), r"'GN' uses 32 groups, which must divide .* \(48"),

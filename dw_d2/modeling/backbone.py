@@ -27,8 +27,9 @@ def build_dw_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
     missing = [f for f in in_features if f not in bottom_up.output_shape()]
     if missing:
         raise ValueError(
-            f"MODEL.FPN.IN_FEATURES {list(in_features)} names {missing}, which the ResNet does not "
-            f"output; add them to MODEL.RESNETS.OUT_FEATURES (now {list(cfg.MODEL.RESNETS.OUT_FEATURES)})"
+            f"MODEL.FPN.IN_FEATURES {list(in_features)} names {missing}, which the ResNet does "
+            f"not output; add them to MODEL.RESNETS.OUT_FEATURES "
+            f"(now {list(cfg.MODEL.RESNETS.OUT_FEATURES)})"
         )
     # FPN names its outputs p<log2(stride)>; the coarsest one feeds P6.
     top_stride = bottom_up.output_shape()[in_features[-1]].stride

@@ -245,8 +245,9 @@ class DWDetector(DenseDetector):
             image_boxes.clip(image_size)
             image_scores = scores[image_index][keep]
             image_classes = classes[image_index][keep]
-            kept = batched_nms(image_boxes.tensor, image_scores, image_classes, self.test_nms_thresh)
-            kept = kept[: self.max_detections_per_image]
+            kept = batched_nms(
+                image_boxes.tensor, image_scores, image_classes, self.test_nms_thresh
+            )[: self.max_detections_per_image]
             results.append(
                 Instances(
                     image_size,

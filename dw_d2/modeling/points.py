@@ -64,14 +64,15 @@ class PointGrid:
                 f"got {len(feature_sizes)} feature maps for {len(self.strides)} strides "
                 f"{self.strides}"
             )
-        key = (tuple((int(h), int(w)) for h, w in feature_sizes), dtype, torch.device(device or "cpu"))
+        sizes = tuple((int(h), int(w)) for h, w in feature_sizes)
+        key = (sizes, dtype, torch.device(device or "cpu"))
         cached = self._cache.get(key)
         if cached is not None:
             self._cache.move_to_end(key)
             return cached
         points = [
             level_points(h, w, stride, self.offset, dtype, device)
-            for (h, w), stride in zip(key[0], self.strides)
+            for (h, w), stride in zip(sizes, self.strides)
         ]
         point_strides = [
             torch.full((len(p),), float(stride), dtype=dtype, device=device)
