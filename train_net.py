@@ -15,14 +15,13 @@ The standard Detectron2 entry point::
 import logging
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 from dw_d2 import add_dw_config
-from dw_d2.engine import Trainer, default_setup
+from dw_d2.engine import EvaluationCheckpointer, Trainer, default_setup
 
 
 def setup(args):
@@ -48,7 +47,7 @@ def main(args):
 
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        EvaluationCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         res = Trainer.test(cfg, model)
