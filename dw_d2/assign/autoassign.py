@@ -11,10 +11,11 @@ of the image. A centre loss ``M / sum G`` keeps the prior from collapsing.
 import torch
 import torch.nn.functional as F
 
-from .box_overlap import aligned_iou, aligned_iou_and_giou, decode_distances, redecode_boxes
+from .box_overlap import aligned_iou_and_giou, decode_distances, redecode_boxes
 from .common import (EPS, autocast_disabled, check_class_range, check_dense_inputs,
-                     mean_over_workers, segment_max, segment_min, segment_sum, weighting_dtype,
-                     write_pair_values)
+                     mean_over_workers, resolve_pair_values, segment_max, segment_min,
+                     segment_sum, weighting_dtype)
+from .negative_term import joint_score_terms
 from .pairs import (add_topk_pairs_for_empty_boxes, box_centers, center_prior, concat_ground_truth,
                     dense_pair_map, find_candidate_pairs)
 
@@ -76,16 +77,22 @@ def autoassign_loss(points, strides, cls_logits, box_dists, obj_logits, gt_boxes
         prior_mean, prior_sigma = prior_mean.to(dtype), prior_sigma.to(dtype)
         gt = concat_ground_truth(gt_boxes, gt_classes, dtype, device)
         check_class_range(gt.classes, num_classes)
-        pairs = find_candidate_pairs(points, gt)
+        pairs = find_candidate_pairs(points, gt, strides)
         if force_topk:
             pairs = add_topk_pairs_for_empty_boxes(pairs, points, strides, gt, prior_mean,
                                                    prior_sigma, topk)
 
-        joint_score = cls_logits.sigmoid() * obj_logits.sigmoid()  # (N, R, C)
         pair_class = gt.classes[pairs.gt]
         pair_prediction = pairs.image * num_points + pairs.point
         pair_score_index = pair_prediction * num_classes + pair_class
-        p_cls = joint_score.reshape(-1)[pair_score_index]
+        # Negative weight: the score is scaled down where the prediction localises a GT well.
+        iou = _best_iou_at_candidates(points, box_dists, pairs, gt, num_points, box_eps)
+        neg_entries, neg_values = _negative_weight_entries(iou, pairs, pair_score_index,
+                                                           gt.num_boxes, duplicate_rule)
+        # p_cls = S[r, c_m] at the pairs, S = sigmoid(cls) * sigmoid(obj) (N, R, C); the
+        # negative sum is sum (S w-)**2 BCE(S w-, 0).
+        p_cls, neg_sum = joint_score_terms(cls_logits, obj_logits, pair_score_index, neg_entries,
+                                           neg_values, 2.0, weight_scales_score=True)
 
         pair_points = points[pairs.point]
         predicted = decode_distances(pair_points, box_dists.reshape(-1, 4)[pair_prediction])
@@ -106,14 +113,6 @@ def autoassign_loss(points, strides, cls_logits, box_dists, obj_logits, gt_boxes
         gt_p_pos = gt_p_pos.clamp(max=1)
         pos_sum = F.binary_cross_entropy(gt_p_pos, torch.ones_like(gt_p_pos),
                                          reduction="none").sum()
-
-        # Negative: the score, scaled down where the prediction localises a GT box well.
-        iou = _best_iou_at_candidates(points, box_dists, pairs, gt, num_points, box_eps)
-        neg_weight = _negative_weight(iou, pairs, pair_score_index, joint_score.shape,
-                                      gt.num_boxes, duplicate_rule)
-        neg_score = joint_score * neg_weight
-        neg_sum = (neg_score ** 2 * F.binary_cross_entropy(
-            neg_score, torch.zeros_like(neg_score), reduction="none")).sum()
 
         # Centre: M_i / sum G_i per image with candidates; 0 (still on the graph) otherwise.
         image_prior_sum = segment_sum(prior, pairs.image, num_images)
@@ -143,6 +142,8 @@ def autoassign_loss(points, strides, cls_logits, box_dists, obj_logits, gt_boxes
         if not return_weights:
             return losses
 
+        neg_weight = cls_logits.new_ones(cls_logits.shape)
+        neg_weight.view(-1)[neg_entries] = neg_values
         candidates = dense_pair_map(torch.ones_like(prior, dtype=torch.bool), pairs, num_points, gt)
         per_pair = {
             "center_prior": dense_pair_map(prior.detach(), pairs, num_points, gt),
@@ -163,43 +164,60 @@ def _best_iou_at_candidates(points, box_dists, pairs, gt, num_points, box_eps):
     The official code takes, for each point, the maximum IoU over all GT boxes of the image,
     including boxes the point is not a candidate of, and uses it only at candidates. It is
     therefore computed here only for the points that are a candidate of some box, against
-    every GT box of their image (padded to the batch's largest M): memory O(candidate points x
-    max M_i), no gradient.
+    every GT box of their image: O(candidate points x M_i) work and memory, no gradient. This
+    (U_i, M_i) product dominates AutoAssign's cost at many GT boxes, so it is evaluated one
+    coordinate at a time, in place, without the (U, M, 4) stacks of the generic box functions.
     """
     with torch.no_grad():
         point_key = pairs.image * num_points + pairs.point
         candidate_points, pair_to_point = torch.unique(point_key, return_inverse=True)
         if candidate_points.numel() == 0:
             return box_dists.new_zeros(0)
-        image = candidate_points // num_points
-        point = points[candidate_points % num_points][:, None, :]  # (U, 1, 2)
-        predicted = decode_distances(point, box_dists.reshape(-1, 4)[candidate_points][:, None, :])
-        padded_boxes, valid = _pad_boxes_per_image(gt)  # (N, M_max, 4), (N, M_max)
-        iou = aligned_iou(predicted, redecode_boxes(point, padded_boxes[image]), box_eps)
-        iou = iou.masked_fill(~valid[image], -1)  # (U, M_max)
-        return iou.max(dim=1).values[pair_to_point]
+        # candidate_points is sorted, so each image's points are one slice.
+        points_per_image = torch.bincount(candidate_points // num_points,
+                                          minlength=len(gt.counts)).tolist()
+        point = points[candidate_points % num_points]
+        predicted = decode_distances(point, box_dists.reshape(-1, 4)[candidate_points])
+        best = [_max_iou_with_boxes(point_slice, predicted_slice, boxes, box_eps)
+                for point_slice, predicted_slice, boxes in zip(
+                    point.split(points_per_image), predicted.split(points_per_image),
+                    gt.boxes.split(gt.counts))]
+        return torch.cat(best)[pair_to_point]
 
 
-def _pad_boxes_per_image(gt):
-    """The batch's GT boxes as (N, M_max, 4), with a (N, M_max) mask of the real ones."""
-    num_images, max_boxes = len(gt.counts), max(gt.counts)
-    first_box = torch.cumsum(gt.counts_tensor, 0) - gt.counts_tensor
-    slot = torch.arange(gt.num_boxes, device=gt.boxes.device) - first_box[gt.image]
-    padded = gt.boxes.new_zeros(num_images, max_boxes, 4)
-    padded[gt.image, slot] = gt.boxes
-    valid = torch.zeros(num_images, max_boxes, dtype=torch.bool, device=gt.boxes.device)
-    valid[gt.image, slot] = True
-    return padded, valid
+def _max_iou_with_boxes(points, predicted, boxes, eps):
+    """max_m IoU(predicted[u], boxes[m] re-decoded at points[u]) -> (U,), as
+    :func:`aligned_iou` with :func:`redecode_boxes` computes each value.
+
+    Args:
+        points: (U, 2); predicted: (U, 4) XYXY; boxes: (M, 4) XYXY.
+    """
+    if points.shape[0] == 0 or boxes.shape[0] == 0:
+        return points.new_zeros(points.shape[0])
+    x, y = points[:, 0:1], points[:, 1:2]
+    box_x1, box_y1, box_x2, box_y2 = boxes.t()[:, None, :]
+    # The GT box as the head sees it at each point (encoded as distances, decoded).
+    x1 = x - (x - box_x1)
+    y1 = y - (y - box_y1)
+    x2 = x + (box_x2 - x)
+    y2 = y + (box_y2 - y)
+    box_area = (x2 - x1).mul_(y2 - y1)
+    pred_x1, pred_y1, pred_x2, pred_y2 = predicted[:, :, None].unbind(1)
+    pred_area = (pred_x2 - pred_x1) * (pred_y2 - pred_y1)
+    overlap_w = torch.minimum(pred_x2, x2).sub_(torch.maximum(pred_x1, x1)).clamp_(min=0)
+    overlap_h = torch.minimum(pred_y2, y2).sub_(torch.maximum(pred_y1, y1)).clamp_(min=0)
+    overlap = overlap_w.mul_(overlap_h)
+    union = box_area.add_(pred_area).sub_(overlap).clamp_(min=eps)
+    return overlap.div_(union).max(dim=1).values
 
 
-def _negative_weight(iou, pairs, pair_score_index, score_shape, num_boxes, duplicate_rule):
-    """w- (N, R, C): 1, except ``1 - normalise(1 / (1 - iou))`` at (r, c_m) for candidates."""
+def _negative_weight_entries(iou, pairs, pair_score_index, num_boxes, duplicate_rule):
+    """The entries of w- (N, R, C) that are not 1: the flat (image, point, class) entries
+    (r, c_m) of candidates r of m and their values ``1 - normalise(1 / (1 - iou))``, as
+    :func:`resolve_pair_values` returns them."""
     with torch.no_grad():
         value = 1 / (1 - iou).clamp(min=EPS)
         low = segment_min(value, pairs.gt, num_boxes)[pairs.gt]
         high = segment_max(value, pairs.gt, num_boxes)[pairs.gt]
         value = (value - low + EPS) / (high - low + EPS)
-        neg_weight = torch.ones(score_shape, dtype=iou.dtype, device=iou.device)
-        write_pair_values(neg_weight.view(-1), pair_score_index, 1 - value, pairs.gt,
-                          duplicate_rule)
-    return neg_weight
+        return resolve_pair_values(pair_score_index, 1 - value, pairs.gt, duplicate_rule)

@@ -4,7 +4,7 @@ Input checks, the working precision, per-segment reductions over candidate pairs
 distributed mean of normalisers and the duplicate-aware write of negative weights.
 """
 import contextlib
-from typing import Sequence
+from typing import Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -14,7 +14,7 @@ from torch import Tensor
 EPS = 1e-12
 
 # How a point that is a candidate of several GT boxes of the same class gets its negative
-# weight in that class column; see :func:`write_pair_values`.
+# weight in that class column; see :func:`resolve_pair_values`.
 DUPLICATE_RULES = ("last_gt", "min")
 
 
@@ -78,9 +78,9 @@ def segment_max(values: Tensor, segment_ids: Tensor, num_segments: int) -> Tenso
         0, segment_ids, values, "amax", include_self=False)
 
 
-def write_pair_values(dense: Tensor, flat_index: Tensor, values: Tensor, gt_index: Tensor,
-                      duplicate_rule: str) -> Tensor:
-    """Write per-pair values into a flat dense map where several pairs may share an entry.
+def resolve_pair_values(flat_index: Tensor, values: Tensor, gt_index: Tensor,
+                        duplicate_rule: str) -> Tuple[Tensor, Tensor]:
+    """The entries of a flat dense map that per-pair values write, and the value each keeps.
 
     The official heads write the negative weight with an advanced-index assignment whose
     indices repeat where a point is a candidate of two GT boxes of the same class. That is
@@ -90,23 +90,34 @@ def write_pair_values(dense: Tensor, flat_index: Tensor, values: Tensor, gt_inde
     on the order of the GT boxes.
 
     Args:
-        dense: (K,) flat map, modified in place; no gradient.
         flat_index: (P,) int64 entry of each pair.
         values: (P,) value of each pair.
         gt_index: (P,) int64 GT index of each pair; only its order within an image matters.
         duplicate_rule: ``"last_gt"`` or ``"min"``.
     Returns:
-        ``dense``.
+        ``(entries, entry_values)``: (E,) distinct entries in ascending order, (E,) values.
     """
-    if flat_index.numel() == 0:
-        return dense
-    if duplicate_rule == "min":
-        return dense.scatter_reduce_(0, flat_index, values, "amin", include_self=False)
     entries, entry_of_pair = torch.unique(flat_index, return_inverse=True)
+    if duplicate_rule == "min":
+        entry_values = values.new_zeros(entries.shape).scatter_reduce_(
+            0, entry_of_pair, values, "amin", include_self=False)
+        return entries, entry_values
     winning_gt = torch.full_like(entries, -1).scatter_reduce_(
         0, entry_of_pair, gt_index, "amax", include_self=True)
     wins = gt_index == winning_gt[entry_of_pair]
-    dense[flat_index[wins]] = values[wins]
+    entry_values = values.new_empty(entries.shape)
+    entry_values[entry_of_pair[wins]] = values[wins]
+    return entries, entry_values
+
+
+def write_pair_values(dense: Tensor, flat_index: Tensor, values: Tensor, gt_index: Tensor,
+                      duplicate_rule: str) -> Tensor:
+    """Write per-pair values into a flat dense map (K,) in place, resolving shared entries as
+    :func:`resolve_pair_values` does. Returns ``dense``."""
+    if flat_index.numel() == 0:
+        return dense
+    entries, entry_values = resolve_pair_values(flat_index, values, gt_index, duplicate_rule)
+    dense[entries] = entry_values
     return dense
 
 

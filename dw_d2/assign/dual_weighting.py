@@ -18,8 +18,9 @@ import torch.nn.functional as F
 
 from .box_overlap import aligned_iou_and_giou, decode_distances, redecode_boxes
 from .common import (EPS, autocast_disabled, check_class_range, check_dense_inputs,
-                     mean_over_workers, segment_max, segment_min, segment_sum, weighting_dtype,
-                     write_pair_values)
+                     mean_over_workers, resolve_pair_values, segment_max, segment_min,
+                     segment_sum, weighting_dtype)
+from .negative_term import joint_score_terms
 from .pairs import (box_centers, center_prior, concat_ground_truth, dense_pair_map,
                     find_candidate_pairs)
 
@@ -80,13 +81,11 @@ def dual_weighting_loss(points, strides, cls_logits, box_dists, ctr_logits, gt_b
         ctr_logits = ctr_logits.to(dtype)
         gt = concat_ground_truth(gt_boxes, gt_classes, dtype, device)
         check_class_range(gt.classes, num_classes)
-        pairs = find_candidate_pairs(points, gt)
+        pairs = find_candidate_pairs(points, gt, strides)
 
-        joint_score = cls_logits.sigmoid() * ctr_logits.sigmoid()  # (N, R, C)
         pair_class = gt.classes[pairs.gt]
         pair_prediction = pairs.image * num_points + pairs.point
         pair_score_index = pair_prediction * num_classes + pair_class
-        p_cls = joint_score.reshape(-1)[pair_score_index]
 
         pair_points = points[pairs.point]
         predicted = decode_distances(pair_points, box_dists.reshape(-1, 4)[pair_prediction])
@@ -94,6 +93,12 @@ def dual_weighting_loss(points, strides, cls_logits, box_dists, ctr_logits, gt_b
         iou, giou = aligned_iou_and_giou(predicted, target, box_eps)
         iou = iou.detach()
         p_loc = torch.exp(-(1 - giou) * loc_beta)
+        neg_entries, neg_values = _negative_weight_entries(
+            iou, pairs, pair_score_index, gt.num_boxes, neg_iou_thresh, duplicate_rule)
+        # p_cls = S[r, c_m] at the pairs, S = sigmoid(cls) * sigmoid(ctr) (N, R, C); loss_cls_neg
+        # = sum w- S**gamma BCE(S, 0).
+        p_cls, neg_sum = joint_score_terms(cls_logits, ctr_logits, pair_score_index, neg_entries,
+                                           neg_values, neg_gamma, weight_scales_score=False)
         prior = center_prior(pair_points, strides[pairs.point], box_centers(gt.boxes)[pairs.gt],
                              None, torch.tensor(center_prior_sigma, dtype=dtype, device=device))
 
@@ -110,12 +115,8 @@ def dual_weighting_loss(points, strides, cls_logits, box_dists, ctr_logits, gt_b
         cls_pos_sum = (F.binary_cross_entropy(p_cls, ones, reduction="none") * pos_weight).sum()
         loc_sum = (F.binary_cross_entropy(p_loc, ones, reduction="none") * pos_weight).sum()
 
-        neg_weight = _negative_weight(iou, pairs, pair_score_index, joint_score.shape,
-                                      gt.num_boxes, neg_iou_thresh, duplicate_rule)
-        neg_avg_factor = (1 - neg_weight).sum(dim=(1, 2)).sum()
-        neg_sum = (neg_weight * joint_score ** neg_gamma
-                   * F.binary_cross_entropy(joint_score, torch.zeros_like(joint_score),
-                                            reduction="none")).sum()
+        # w- is 1 off the written entries, so only they add to sum(1 - w-).
+        neg_avg_factor = (1 - neg_values).sum()
 
         pos_avg_factor = mean_over_workers(
             torch.tensor(float(gt.num_boxes), dtype=dtype, device=device)).clamp(min=1)
@@ -135,13 +136,17 @@ def dual_weighting_loss(points, strides, cls_logits, box_dists, ctr_logits, gt_b
         if not return_weights:
             return losses
 
+        neg_weight = cls_logits.new_ones(cls_logits.shape)
+        neg_weight.view(-1)[neg_entries] = neg_values
         weights = _per_image_weights(pairs, gt, num_points, prior, pos_weight, iou, neg_weight)
         return losses, weights
 
 
-def _negative_weight(iou, pairs, pair_score_index, score_shape, num_boxes, neg_iou_thresh,
-                     duplicate_rule):
-    """w- (N, R, C): 1, except the normalised negative value at (r, c_m) for candidates r of m."""
+def _negative_weight_entries(iou, pairs, pair_score_index, num_boxes, neg_iou_thresh,
+                             duplicate_rule):
+    """The entries of w- (N, R, C) that are not 1: the flat (image, point, class) entries
+    (r, c_m) of candidates r of m and their normalised negative values, as
+    :func:`resolve_pair_values` returns them."""
     with torch.no_grad():
         # The official order of operations: t(x) = x**2 / (thr**2 - 1) - 1 / (thr**2 - 1).
         scale = 1 / (neg_iou_thresh ** _NEG_IOU_EXPONENT - 1)
@@ -150,9 +155,7 @@ def _negative_weight(iou, pairs, pair_score_index, score_shape, num_boxes, neg_i
         high = segment_max(value, pairs.gt, num_boxes).clamp(max=1)[pairs.gt]
         value = (value - low + EPS) / (high - low + EPS)
         value = torch.where(iou < neg_iou_thresh, torch.ones_like(value), value)
-        neg_weight = torch.ones(score_shape, dtype=iou.dtype, device=iou.device)
-        write_pair_values(neg_weight.view(-1), pair_score_index, value, pairs.gt, duplicate_rule)
-    return neg_weight
+        return resolve_pair_values(pair_score_index, value, pairs.gt, duplicate_rule)
 
 
 def _per_image_weights(pairs, gt, num_points, prior, pos_weight, iou, neg_weight):

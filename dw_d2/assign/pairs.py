@@ -50,24 +50,117 @@ def concat_ground_truth(gt_boxes: Sequence[Tensor], gt_classes: Sequence[Tensor]
     return BatchGroundTruth(boxes.reshape(-1, 4), classes, image, counts, counts_tensor)
 
 
-def find_candidate_pairs(points: Tensor, gt: BatchGroundTruth) -> CandidatePairs:
+def find_candidate_pairs(points: Tensor, gt: BatchGroundTruth,
+                         strides: Optional[Tensor] = None) -> CandidatePairs:
     """Pairs (GT m, point r) with r strictly inside box m (an edge point is not a candidate).
 
     ``x > x1`` is the same test as the official ``x - x1 > 0`` (a float difference is zero
-    only for equal operands). The (G, R) boolean test costs one byte per point and GT box of the
-    batch, several times less than one (N, R, C) float map of the loss, and keeps the test exact
-    for arbitrary point layouts.
+    only for equal operands). When ``strides`` is given and the points form per-level grids
+    (see :func:`_point_grids`), the candidates of each (box, level) are a rectangle of grid
+    cells found by binary search with the same strict comparisons, so that the cost grows with
+    the number of pairs, not with points x boxes. Other layouts take the exact dense (G, R) test.
 
     Args:
         points: (R, 2) x, y.
         gt: the batch's GT boxes.
+        strides: (R,) stride of each point, or None (dense test).
+    Returns:
+        the pairs, ordered by GT, then by point index.
     """
-    x, y = points[:, 0], points[:, 1]
-    boxes = gt.boxes
-    inside = ((x[None] > boxes[:, 0:1]) & (y[None] > boxes[:, 1:2])
-              & (x[None] < boxes[:, 2:3]) & (y[None] < boxes[:, 3:4]))
-    gt_index, point_index = inside.nonzero(as_tuple=True)
+    grids = _point_grids(points, strides) if strides is not None else None
+    if grids is not None and gt.num_boxes and bool(torch.isfinite(gt.boxes).all()):
+        gt_index, point_index = _pairs_in_grids(grids, gt.boxes)
+    else:
+        x, y = points[:, 0], points[:, 1]
+        boxes = gt.boxes
+        inside = ((x[None] > boxes[:, 0:1]) & (y[None] > boxes[:, 1:2])
+                  & (x[None] < boxes[:, 2:3]) & (y[None] < boxes[:, 3:4]))
+        gt_index, point_index = inside.nonzero(as_tuple=True)
     return CandidatePairs(gt_index, point_index, gt.image[gt_index])
+
+
+class _PointGrids(NamedTuple):
+    """Points laid out as L row-major grids, one per run of equal strides (an FPN level)."""
+
+    start: Tensor  # (L,) int64 index of each level's first point
+    width: Tensor  # (L,) int64 columns per level
+    column_x: Tensor  # (L, W_max) x of each column, ascending, padded with +inf
+    row_y: Tensor  # (L, H_max) y of each row, ascending, padded with +inf
+
+
+def _point_grids(points: Tensor, strides: Tensor) -> Optional[_PointGrids]:
+    """Recognise the layout of dense-detector points, or return None.
+
+    Each run of equal strides must be a full row-major grid: every row repeats the first row's
+    x values, which strictly increase, and each row has one y, strictly increasing over rows.
+    Only that structure is needed for the rectangle search (not even uniform spacing), so any
+    grid convention (with or without the half-stride offset) is recognised, in O(R).
+    """
+    num_points = points.shape[0]
+    if num_points == 0 or not bool(torch.isfinite(points).all()):
+        return None
+    device = points.device
+    x, y = points[:, 0], points[:, 1]
+    level_change = torch.ones(num_points, dtype=torch.bool, device=device)
+    level_change[1:] = strides[1:] != strides[:-1]
+    level_of_point = torch.cumsum(level_change, 0) - 1
+    start = level_change.nonzero(as_tuple=True)[0]
+    num_levels = start.shape[0]
+    size = torch.diff(start, append=start.new_tensor([num_points]))
+    local = torch.arange(num_points, device=device) - start[level_of_point]
+    in_first_row = y == y[start][level_of_point]
+    width = torch.zeros(num_levels, dtype=torch.long, device=device).index_add_(
+        0, level_of_point, in_first_row.long())
+    point_width = width[level_of_point]
+    row, column = local // point_width, local % point_width
+    level_start = start[level_of_point]
+    first_row_x = x[level_start + column]
+    first_column_y = y[level_start + row * point_width]
+    is_grid = ((size % width == 0).all() & (x == first_row_x).all() & (y == first_column_y).all()
+               & (x[1:] > x[:-1])[(column[1:] > 0)].all()
+               & (y[1:] > y[:-1])[(column[1:] == 0) & (row[1:] > 0)].all())
+    if not bool(is_grid):
+        return None
+    height = size // width
+    column_x = points.new_full((num_levels, int(width.max())), float("inf"))
+    row_y = points.new_full((num_levels, int(height.max())), float("inf"))
+    first_row = row == 0
+    column_x[level_of_point[first_row], column[first_row]] = x[first_row]
+    first_column = column == 0
+    row_y[level_of_point[first_column], row[first_column]] = y[first_column]
+    return _PointGrids(start, width, column_x, row_y)
+
+
+def _pairs_in_grids(grids: _PointGrids, boxes: Tensor):
+    """(gt_index, point_index) of the points strictly inside each box (G, 4), GT-major.
+
+    Per (box, level), the columns with ``x1 < x < x2`` are ``[first x > x1, first x >= x2)`` of
+    the ascending column coordinates (binary search), likewise the rows; the pairs of all
+    (box, level) rectangles are then enumerated together with flat index arithmetic.
+    """
+    num_boxes, num_levels = boxes.shape[0], grids.start.shape[0]
+    device = boxes.device
+    level_boxes = boxes.t()[:, None, :].expand(4, num_levels, num_boxes).contiguous()
+    x1, y1, x2, y2 = level_boxes  # each (L, G)
+    first_column = torch.searchsorted(grids.column_x, x1, right=True)
+    end_column = torch.searchsorted(grids.column_x, x2, right=False)
+    first_row = torch.searchsorted(grids.row_y, y1, right=True)
+    end_row = torch.searchsorted(grids.row_y, y2, right=False)
+    # Box-major blocks (G, L) so that the pairs come out by GT, then level, row and column:
+    # ascending point index within each GT, as the dense test's nonzero() orders them.
+    columns = (end_column - first_column).clamp(min=0).t().reshape(-1)
+    rows = (end_row - first_row).clamp(min=0).t().reshape(-1)
+    first_column, first_row = first_column.t().reshape(-1), first_row.t().reshape(-1)
+    block_size = columns * rows
+    block = torch.repeat_interleave(torch.arange(block_size.shape[0], device=device), block_size)
+    block_offset = torch.cumsum(block_size, 0) - block_size
+    cell = torch.arange(block.shape[0], device=device) - block_offset[block]
+    block_columns = columns[block]
+    level = block % num_levels
+    point_index = (grids.start[level]
+                   + (first_row[block] + cell // block_columns) * grids.width[level]
+                   + first_column[block] + cell % block_columns)
+    return block // num_levels, point_index
 
 
 def add_topk_pairs_for_empty_boxes(pairs: CandidatePairs, points: Tensor, strides: Tensor,

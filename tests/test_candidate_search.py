@@ -1,0 +1,52 @@
+"""The grid candidate search finds exactly the pairs of the dense strict-inside test."""
+import pytest
+import torch
+
+from dw_d2.assign.pairs import _point_grids, concat_ground_truth, find_candidate_pairs
+
+LEVELS = [(8, (12, 17)), (16, (6, 9)), (32, (3, 5)), (64, (2, 3)), (128, (1, 2))]
+
+
+def grid_points(offset, dtype):
+    points, strides = [], []
+    for stride, (height, width) in LEVELS:
+        ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+        points.append(torch.stack([(xs.reshape(-1) + offset) * stride,
+                                   (ys.reshape(-1) + offset) * stride], dim=1))
+        strides.append(torch.full((height * width,), float(stride)))
+    return torch.cat(points).to(dtype), torch.cat(strides).to(dtype)
+
+
+def random_boxes(generator, count, dtype, fractional):
+    corners = torch.randint(-10, 150, (count, 4), generator=generator).to(dtype)
+    if fractional:
+        corners = corners + torch.rand(count, 4, generator=generator, dtype=dtype) * 3
+    # Integer corners put many box edges exactly on points: the strict test must exclude them.
+    return torch.stack([corners[:, 0].minimum(corners[:, 2]), corners[:, 1].minimum(corners[:, 3]),
+                        corners[:, 0].maximum(corners[:, 2]), corners[:, 1].maximum(corners[:, 3])],
+                       dim=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("offset", [0.0, 0.5])
+def test_grid_search_equals_dense_test(dtype, offset):
+    points, strides = grid_points(offset, dtype)
+    assert _point_grids(points, strides) is not None
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(150):
+        count = int(torch.randint(0, 8, (1,), generator=generator))
+        boxes = random_boxes(generator, count, dtype, fractional=trial % 2 == 1)
+        split = count // 2
+        gt = concat_ground_truth([boxes[:split], boxes[split:]],
+                                 [torch.zeros(split, dtype=torch.long),
+                                  torch.zeros(count - split, dtype=torch.long)], dtype, points.device)
+        grid = find_candidate_pairs(points, gt, strides)
+        dense = find_candidate_pairs(points, gt)
+        assert torch.equal(grid.gt, dense.gt) and torch.equal(grid.point, dense.point), trial
+        assert torch.equal(grid.image, dense.image), trial
+
+
+def test_points_that_are_not_a_grid_use_the_dense_test():
+    points, strides = grid_points(0.5, torch.float64)
+    order = torch.randperm(len(points), generator=torch.Generator().manual_seed(0))
+    assert _point_grids(points[order], strides) is None
