@@ -1,0 +1,199 @@
+"""The benchmark's per-GT-loop reference reproduces the official code's golden cases."""
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = Path(os.environ.get("DW_D2_GOLDEN",
+                             Path(__file__).resolve().parents[2] / "shared" / "golden"))
+RTOL = 1e-9
+
+
+def _load_reference():
+    spec = importlib.util.spec_from_file_location("reference_weighting",
+                                                  REPO / "tools" / "reference_weighting.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+reference = _load_reference()
+
+needs_golden = pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"no golden cases at {GOLDEN}")
+
+
+def _golden_files(kind, with_grads=False):
+    """Case files of one kind, as listed in the golden index."""
+    if not GOLDEN.is_dir():
+        return []
+    cases = json.loads((GOLDEN / "index.json").read_text())["cases"]
+    return [c["file"] for c in cases
+            if c["kind"] == kind and (c["has_grads"] or not with_grads)]
+
+
+def _load(name):
+    return torch.load(GOLDEN / name, weights_only=True)
+
+
+def _assert_close(actual, expected, what):
+    assert actual.shape == expected.shape, \
+        f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    if expected.dtype == torch.bool:
+        assert torch.equal(actual, expected), f"{what}: masks differ"
+        return
+    torch.testing.assert_close(actual.detach().to(expected.dtype), expected,
+                               rtol=RTOL, atol=0, msg=what)
+
+
+def _leaves(case, score_key):
+    return {key: case[key].clone().requires_grad_()
+            for key in ("cls_logits", "bbox_preds", score_key)}
+
+
+def _run_dw(case, inputs, **kwargs):
+    return reference.reference_dual_weighting_loss(
+        case["points"], case["point_strides"], inputs["cls_logits"], inputs["bbox_preds"],
+        inputs["centerness_logits"], case["gt_bboxes"], case["gt_labels"],
+        center_prior_sigma=float(case["center_prior_sigma"][0, 0]), **kwargs,
+    )
+
+
+@needs_golden
+@pytest.mark.parametrize("name", _golden_files("dw_loss"))
+def test_dw_reference_matches_golden_losses_and_intermediates(name):
+    case = _load(name)
+    inputs = _leaves(case, "centerness_logits")
+    out = _run_dw(case, inputs, return_intermediates=True)
+    for key in ("loss_cls_pos", "loss_loc", "loss_cls_neg"):
+        _assert_close(out[key], case["outputs"][key], f"{name} {key}")
+    for i, (mine, gold) in enumerate(zip(out["per_image"], case["per_image"])):
+        for key, value in gold.items():
+            _assert_close(mine[key], value, f"{name} image {i} {key}")
+
+    fp64 = _run_dw(case, inputs, round_neg_normaliser_to_float32=False)
+    _assert_close(fp64["loss_cls_neg"], case["outputs"]["loss_cls_neg_fp64_normaliser"],
+                  f"{name} float64 negative normaliser")
+
+
+@needs_golden
+@pytest.mark.parametrize("name", _golden_files("dw_loss", with_grads=True))
+def test_dw_reference_matches_golden_gradients(name):
+    case = _load(name)
+    for loss_name, expected in case["grads"].items():
+        inputs = _leaves(case, "centerness_logits")
+        # The golden gradients come from the run with the float64 negative normaliser.
+        loss = _run_dw(case, inputs, round_neg_normaliser_to_float32=False)[loss_name]
+        grads = torch.autograd.grad(loss, list(inputs.values()), allow_unused=True)
+        for (input_name, leaf), grad in zip(inputs.items(), grads):
+            grad = torch.zeros_like(leaf) if grad is None else grad
+            _assert_close(grad, expected[input_name], f"{name} d{loss_name}/d{input_name}")
+
+
+def _autoassign_leaves(case):
+    inputs = _leaves(case, "objectness_logits")
+    inputs["prior_mean"] = case["center_prior_mean"].clone().requires_grad_()
+    inputs["prior_sigma"] = case["center_prior_sigma"].clone().requires_grad_()
+    return inputs
+
+
+def _run_autoassign(case, inputs, **kwargs):
+    return reference.reference_autoassign_loss(
+        case["points"], case["point_strides"], inputs["cls_logits"], inputs["bbox_preds"],
+        inputs["objectness_logits"], case["gt_bboxes"], case["gt_labels"],
+        inputs["prior_mean"], inputs["prior_sigma"],
+        giou_weight=case["loss_bbox_weight"], force_topk=case["force_topk"], topk=case["topk"],
+        pos_loss_weight=case["pos_loss_weight"], neg_loss_weight=case["neg_loss_weight"],
+        center_loss_weight=case["center_loss_weight"], **kwargs,
+    )
+
+
+@needs_golden
+@pytest.mark.parametrize("name", _golden_files("autoassign_loss"))
+def test_autoassign_reference_matches_golden(name):
+    case = _load(name)
+    out = _run_autoassign(case, _autoassign_leaves(case), return_intermediates=True)
+    for key in ("loss_pos", "loss_neg", "loss_center"):
+        _assert_close(out[key], case["outputs"][key], f"{name} {key}")
+    for i, (mine, gold) in enumerate(zip(out["per_image"], case["per_image"])):
+        for key, value in gold.items():
+            _assert_close(mine[key], value, f"{name} image {i} {key}")
+    for loss_name, expected in case.get("grads", {}).items():
+        inputs = _autoassign_leaves(case)
+        loss = _run_autoassign(case, inputs)[loss_name]
+        grads = torch.autograd.grad(loss, list(inputs.values()), allow_unused=True)
+        for (input_name, leaf), grad in zip(inputs.items(), grads):
+            grad = torch.zeros_like(leaf) if grad is None else grad
+            _assert_close(grad, expected[input_name], f"{name} d{loss_name}/d{input_name}")
+
+
+def _overlapping_same_class_boxes():
+    """One 64x64 image, P3 only: two class-0 boxes that share points, and a class-1 box.
+
+    Every point predicts roughly the first box: high IoU with it, below 0.5 with the second,
+    so the two class-0 boxes give different negative weights at the points they share.
+    """
+    torch.manual_seed(0)
+    ys, xs = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
+    points = torch.stack(((xs.flatten() + 0.5) * 8, (ys.flatten() + 0.5) * 8), 1).double()
+    strides = torch.full((64,), 8.0, dtype=torch.float64)
+    boxes = torch.tensor([[2.0, 2.0, 40.0, 44.0], [20.0, 6.0, 62.0, 50.0],
+                          [0.0, 30.0, 30.0, 63.0]], dtype=torch.float64)
+    classes = torch.tensor([0, 0, 1])
+    first = boxes[0]
+    to_first = torch.stack((points[:, 0] - first[0], points[:, 1] - first[1],
+                            first[2] - points[:, 0], first[3] - points[:, 1]), 1)
+    box_dists = (to_first.clamp(min=1.0) + torch.rand(64, 4, dtype=torch.float64) * 3)[None]
+    cls_logits = torch.randn(1, 64, 3, dtype=torch.float64)
+    score_logits = torch.randn(1, 64, 1, dtype=torch.float64)
+    return points, strides, cls_logits, box_dists, score_logits, boxes, classes
+
+
+def _negative_weights(scheme, order, rule):
+    points, strides, cls_logits, box_dists, score_logits, boxes, classes = \
+        _overlapping_same_class_boxes()
+    common = (points, strides, cls_logits, box_dists, score_logits, [boxes[order]],
+              [classes[order]])
+    if scheme == "dw":
+        out = reference.reference_dual_weighting_loss(
+            *common, duplicate_rule=rule, return_intermediates=True)
+    else:
+        prior = (torch.zeros(3, 2, dtype=torch.float64), torch.ones(3, 2, dtype=torch.float64))
+        out = reference.reference_autoassign_loss(
+            *common, *prior, duplicate_rule=rule, return_intermediates=True)
+    image = out["per_image"][0]
+    inside = image["inside_gt_bbox_mask"][:, order.argsort()]  # back to the original GT order
+    return image["p_neg_weight"][:, 0], inside[:, 0] & inside[:, 1]
+
+
+@pytest.mark.parametrize("scheme", ["dw", "autoassign"])
+def test_duplicate_rules(scheme):
+    forward, backward = torch.tensor([0, 1, 2]), torch.tensor([1, 0, 2])
+    last_forward, shared = _negative_weights(scheme, forward, "last_gt")
+    last_backward, _ = _negative_weights(scheme, backward, "last_gt")
+    assert shared.sum() >= 4, "the fixture must put points inside both class-0 boxes"
+    # "last_gt" keeps the later box's value, so the order of the GT boxes matters ...
+    assert not torch.equal(last_forward[shared], last_backward[shared])
+    assert torch.equal(last_forward[~shared], last_backward[~shared])
+    # ... while "min" keeps the smaller of the two, whatever the order.
+    smallest = torch.minimum(last_forward, last_backward)
+    for order in (forward, backward):
+        assert torch.equal(_negative_weights(scheme, order, "min")[0], smallest)
+
+
+def test_bad_inputs_are_named():
+    points, strides, cls_logits, box_dists, ctr_logits, boxes, classes = \
+        _overlapping_same_class_boxes()
+    with pytest.raises(ValueError, match="duplicate_rule='first'"):
+        reference.reference_dual_weighting_loss(points, strides, cls_logits, box_dists,
+                                                ctr_logits, [boxes], [classes],
+                                                duplicate_rule="first")
+    with pytest.raises(ValueError, match="box_dists"):
+        reference.reference_dual_weighting_loss(points, strides, cls_logits, box_dists[:, :10],
+                                                ctr_logits, [boxes], [classes])
+    with pytest.raises(ValueError, match="gt_boxes"):
+        reference.reference_dual_weighting_loss(points, strides, cls_logits, box_dists,
+                                                ctr_logits, [], [])
