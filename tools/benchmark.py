@@ -700,8 +700,8 @@ def plot_scaling(raw, path, args):
     axes[0].set_title(f"{height}x{width} input, {args.batch} images", fontsize=9)
     axes[1].set_title(f"{args.scaling_size_gts} GT/img, {args.batch} images", fontsize=9)
     axes[0].legend(fontsize=7)
-    figure.suptitle(f"Weighting + loss cost ({args.device}, {args.dtype}, "
-                    f"{args.num_classes} classes)", fontsize=10)
+    figure.suptitle(f"Weighting + loss cost ({args.device}, {torch.get_num_threads()} threads, "
+                    f"{args.dtype}, {args.num_classes} classes)", fontsize=10)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
