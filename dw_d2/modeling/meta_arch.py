@@ -195,7 +195,11 @@ class DWDetector(DenseDetector):
         sizes = [tuple(f.shape[-2:]) for f in features]
         return self.point_grid(sizes, dtype=dtype, device=features[0].device)
 
-    def forward_training(self, images: ImageList, features, predictions, gt_instances):
+    def forward_training(self, images: ImageList, features, predictions, gt_instances,
+                         return_weights: bool = False):
+        """The scheme's losses; with ``return_weights``, ``(losses, weights)`` where
+        ``weights`` holds the per-image assignment weights of the loss function (what
+        ``tools/visualize_assignment.py`` draws)."""
         cls_logits, box_dists, ctr_logits = (
             cat(level_outputs, dim=1) for level_outputs in self.flatten_predictions(predictions)
         )
@@ -208,17 +212,16 @@ class DWDetector(DenseDetector):
         gt_boxes = [x.gt_boxes.tensor.to(loss_dtype) for x in gt_instances]
         gt_classes = [x.gt_classes for x in gt_instances]
         if self.assigner == "DW":
-            losses = dual_weighting_loss(
+            return dual_weighting_loss(
                 points, point_strides, cls_logits, box_dists, ctr_logits, gt_boxes, gt_classes,
-                **self.loss_hyperparams,
+                **self.loss_hyperparams, return_weights=return_weights,
             )
-        else:
-            prior_mean, prior_sigma = self.center_prior()
-            losses = autoassign_loss(
-                points, point_strides, cls_logits, box_dists, ctr_logits, gt_boxes, gt_classes,
-                prior_mean.to(loss_dtype), prior_sigma.to(loss_dtype), **self.loss_hyperparams,
-            )
-        return losses
+        prior_mean, prior_sigma = self.center_prior()
+        return autoassign_loss(
+            points, point_strides, cls_logits, box_dists, ctr_logits, gt_boxes, gt_classes,
+            prior_mean.to(loss_dtype), prior_sigma.to(loss_dtype), **self.loss_hyperparams,
+            return_weights=return_weights,
+        )
 
     @torch.no_grad()
     def forward_inference(self, images: ImageList, features: List[Tensor], predictions):

@@ -16,9 +16,7 @@ from matplotlib.patches import Rectangle
 from detectron2.data import DatasetMapper
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import convert_image_to_rgb
-from detectron2.layers import cat
 
-from ..assign import autoassign_loss, dual_weighting_loss
 from .figures import new_figure, save_figure
 
 __all__ = [
@@ -77,9 +75,8 @@ def deterministic_mapper(cfg):
 def assignment_weights(model, batched_inputs):
     """Run the detector's head and its weighting function on a batch, returning the weights.
 
-    The head runs in the model's current mode, without gradient; the loss inputs are assembled
-    as ``DWDetector.forward_training`` assembles them (final, possibly refined, distances;
-    points; GT; the model's hyper-parameters and centre prior).
+    The head runs in the model's current mode, without gradient; the weights are those that
+    ``DWDetector.forward_training`` passes to the public weighting function in training.
 
     Args:
         model (DWDetector): the detector.
@@ -98,29 +95,9 @@ def assignment_weights(model, batched_inputs):
         features = model.backbone(images.tensor)
         features = [features[f] for f in model.head_in_features]
         predictions = model.head(features)
-        cls_logits, box_dists, ctr_logits = (
-            cat(level_outputs, dim=1) for level_outputs in model.flatten_predictions(predictions)
-        )
-        dtype = torch.promote_types(box_dists.dtype, torch.float32)
-        cls_logits, box_dists, ctr_logits = (
-            x.to(dtype) for x in (cls_logits, box_dists, ctr_logits)
-        )
-        points, point_strides = model.points(features, dtype)
         gt_instances = [x["instances"].to(model.device) for x in batched_inputs]
-        gt_boxes = [x.gt_boxes.tensor.to(dtype) for x in gt_instances]
-        gt_classes = [x.gt_classes for x in gt_instances]
-        if model.assigner == "DW":
-            _, weights = dual_weighting_loss(
-                points, point_strides, cls_logits, box_dists, ctr_logits, gt_boxes, gt_classes,
-                **model.loss_hyperparams, return_weights=True,
-            )
-        else:
-            prior_mean, prior_sigma = model.center_prior()
-            _, weights = autoassign_loss(
-                points, point_strides, cls_logits, box_dists, ctr_logits, gt_boxes, gt_classes,
-                prior_mean.to(dtype), prior_sigma.to(dtype), **model.loss_hyperparams,
-                return_weights=True,
-            )
+        _, weights = model.forward_training(images, features, predictions, gt_instances,
+                                            return_weights=True)
     return images, weights, features
 
 
