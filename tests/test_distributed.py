@@ -347,6 +347,7 @@ def detector_one_process_step(case):
 
     def capturing(loss_fn):
         def with_weights(*args, **kwargs):
+            kwargs.pop("return_weights", None)
             losses, captured["weights"] = loss_fn(*args, return_weights=True, **kwargs)
             return losses
         return with_weights
