@@ -16,7 +16,7 @@ saved as ``OUTPUT/results.md`` and ``results.json``, the bar chart as ``OUTPUT/c
 
 Examples::
 
-    python tools/compare.py              # 150 iterations each: about 10 min on 2 idle CPU cores
+    python tools/compare.py              # 150 iterations each: 6.5 min on 2 CPU cores
     python tools/compare.py --iters 3000 --runs dw fcos --output output/compare_long
     python tools/compare.py --opts MODEL.DEVICE cuda SOLVER.IMS_PER_BATCH 16
 """
@@ -57,9 +57,9 @@ TRAIN_NET_LAUNCHER = (
 )
 
 
-# Four runs of the built-in schedule scaled to 150 iterations take about 10 minutes on 2 idle
-# CPU cores (0.65 s per DW iteration, plus start-up and evaluation), leaving room for slower
-# machines within the 20-minute budget; --iters 400 is the schedule of `make run`.
+# Four runs of the built-in schedule scaled to 150 iterations took 6.5 minutes on 2 CPU cores
+# (about 0.6 s per iteration, plus start-up and evaluation), leaving room for slower machines
+# within the 20-minute budget; --iters 400 is the schedule of `make run`.
 DEFAULT_ITERS = 150
 
 
