@@ -17,7 +17,7 @@ from .common import (EPS, autocast_disabled, check_class_range, check_dense_inpu
                      segment_sum, weighting_dtype)
 from .negative_term import joint_score_terms
 from .pairs import (add_topk_pairs_for_empty_boxes, box_centers, center_prior, concat_ground_truth,
-                    dense_pair_map, find_candidate_pairs)
+                    per_image_weight_maps, find_candidate_pairs)
 
 __all__ = ["autoassign_loss"]
 
@@ -142,19 +142,8 @@ def autoassign_loss(points, strides, cls_logits, box_dists, obj_logits, gt_boxes
         if not return_weights:
             return losses
 
-        neg_weight = cls_logits.new_ones(cls_logits.shape)
-        neg_weight.view(-1)[neg_entries] = neg_values
-        candidates = dense_pair_map(torch.ones_like(prior, dtype=torch.bool), pairs, num_points, gt)
-        per_pair = {
-            "center_prior": dense_pair_map(prior.detach(), pairs, num_points, gt),
-            "pos_weight": dense_pair_map(pos_weight.detach(), pairs, num_points, gt),
-            "ious": dense_pair_map(iou, pairs, num_points, gt),
-        }
-        weights = [
-            {"candidates": candidates[i], **{k: v[i] for k, v in per_pair.items()},
-             "neg_weight": neg_weight[i]}
-            for i in range(num_images)
-        ]
+        weights = per_image_weight_maps(pairs, gt, num_points, prior, pos_weight, iou,
+                                        neg_entries, neg_values, cls_logits.shape)
         return losses, weights
 
 

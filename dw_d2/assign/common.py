@@ -110,17 +110,6 @@ def resolve_pair_values(flat_index: Tensor, values: Tensor, gt_index: Tensor,
     return entries, entry_values
 
 
-def write_pair_values(dense: Tensor, flat_index: Tensor, values: Tensor, gt_index: Tensor,
-                      duplicate_rule: str) -> Tensor:
-    """Write per-pair values into a flat dense map (K,) in place, resolving shared entries as
-    :func:`resolve_pair_values` does. Returns ``dense``."""
-    if flat_index.numel() == 0:
-        return dense
-    entries, entry_values = resolve_pair_values(flat_index, values, gt_index, duplicate_rule)
-    dense[entries] = entry_values
-    return dense
-
-
 def check_dense_inputs(points: Tensor, strides: Tensor, cls_logits: Tensor, box_dists: Tensor,
                        score_logits: Tensor, score_name: str, gt_boxes: Sequence[Tensor],
                        gt_classes: Sequence[Tensor], duplicate_rule: str) -> None:

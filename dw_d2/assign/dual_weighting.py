@@ -21,7 +21,7 @@ from .common import (EPS, autocast_disabled, check_class_range, check_dense_inpu
                      mean_over_workers, resolve_pair_values, segment_max, segment_min,
                      segment_sum, weighting_dtype)
 from .negative_term import joint_score_terms
-from .pairs import (box_centers, center_prior, concat_ground_truth, dense_pair_map,
+from .pairs import (box_centers, center_prior, concat_ground_truth, per_image_weight_maps,
                     find_candidate_pairs)
 
 __all__ = ["dual_weighting_loss"]
@@ -136,9 +136,8 @@ def dual_weighting_loss(points, strides, cls_logits, box_dists, ctr_logits, gt_b
         if not return_weights:
             return losses
 
-        neg_weight = cls_logits.new_ones(cls_logits.shape)
-        neg_weight.view(-1)[neg_entries] = neg_values
-        weights = _per_image_weights(pairs, gt, num_points, prior, pos_weight, iou, neg_weight)
+        weights = per_image_weight_maps(pairs, gt, num_points, prior, pos_weight, iou,
+                                        neg_entries, neg_values, cls_logits.shape)
         return losses, weights
 
 
@@ -156,17 +155,3 @@ def _negative_weight_entries(iou, pairs, pair_score_index, num_boxes, neg_iou_th
         value = (value - low + EPS) / (high - low + EPS)
         value = torch.where(iou < neg_iou_thresh, torch.ones_like(value), value)
         return resolve_pair_values(pair_score_index, value, pairs.gt, duplicate_rule)
-
-
-def _per_image_weights(pairs, gt, num_points, prior, pos_weight, iou, neg_weight):
-    candidates = dense_pair_map(torch.ones_like(prior, dtype=torch.bool), pairs, num_points, gt)
-    per_pair = {
-        "center_prior": dense_pair_map(prior.detach(), pairs, num_points, gt),
-        "pos_weight": dense_pair_map(pos_weight, pairs, num_points, gt),
-        "ious": dense_pair_map(iou, pairs, num_points, gt),
-    }
-    return [
-        {"candidates": candidates[i], **{k: v[i] for k, v in per_pair.items()},
-         "neg_weight": neg_weight[i]}
-        for i in range(len(gt.counts))
-    ]

@@ -218,3 +218,33 @@ def dense_pair_map(values: Tensor, pairs: CandidatePairs, num_points: int, gt: B
     dense = torch.full((num_points, gt.num_boxes), fill, dtype=values.dtype, device=values.device)
     dense[pairs.point, pairs.gt] = values
     return list(dense.split(gt.counts, dim=1))
+
+
+def per_image_weight_maps(pairs: CandidatePairs, gt: BatchGroundTruth, num_points: int,
+                          prior: Tensor, pos_weight: Tensor, iou: Tensor, neg_entries: Tensor,
+                          neg_values: Tensor, score_shape) -> List[dict]:
+    """The dense, detached per-image weights that ``return_weights=True`` returns.
+
+    Args:
+        prior, pos_weight, iou: (P,) per candidate pair.
+        neg_entries, neg_values: the flat (N * R * C) entries of w- that are not 1, and their
+            values.
+        score_shape: (N, R, C).
+
+    Returns:
+        one dict per image: ``candidates`` bool (R, M_i), ``center_prior``, ``pos_weight``,
+        ``ious`` (R, M_i) (0 off candidates) and ``neg_weight`` (R, C).
+    """
+    neg_weight = prior.new_ones(score_shape)
+    neg_weight.view(-1)[neg_entries] = neg_values.detach()
+    candidates = dense_pair_map(torch.ones_like(prior, dtype=torch.bool), pairs, num_points, gt)
+    per_pair = {
+        "center_prior": dense_pair_map(prior.detach(), pairs, num_points, gt),
+        "pos_weight": dense_pair_map(pos_weight.detach(), pairs, num_points, gt),
+        "ious": dense_pair_map(iou.detach(), pairs, num_points, gt),
+    }
+    return [
+        {"candidates": candidates[i], **{k: v[i] for k, v in per_pair.items()},
+         "neg_weight": neg_weight[i]}
+        for i in range(len(gt.counts))
+    ]

@@ -11,6 +11,7 @@ from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.structures import Boxes, ImageList, Instances
 
 from ..assign import autoassign_loss, dual_weighting_loss
+from ..assign.common import DUPLICATE_RULES
 from ..box_refinement import refine_box_distances
 from .center_prior import CenterPrior
 from .head import DWHead
@@ -21,7 +22,6 @@ __all__ = ["DWDetector", "ASSIGNERS", "DUPLICATE_RULES"]
 # Canonical names of the label-assignment schemes; MODEL.DW.ASSIGNER matches them
 # case-insensitively.
 ASSIGNERS = ("DW", "AutoAssign")
-DUPLICATE_RULES = ("last_gt", "min")
 # Where each scheme's reference implementation puts the point inside its cell.
 _REFERENCE_POINT_OFFSET = {"DW": 0.5, "AutoAssign": 0.0}
 
