@@ -78,3 +78,49 @@ def assert_golden_close():
     """``assert_golden_close(actual, expected, what)``: masks exactly equal, numbers within
     1e-9 relative (no absolute slack), same shape and dtype."""
     return _assert_golden_close
+
+
+def _assert_golden_gradients(losses, inputs, golden_grads, what=""):
+    """Gradients of each loss in ``losses`` (one autograd graph) with respect to the leaf
+    tensors ``inputs`` (name -> tensor) against ``golden_grads`` (loss -> input -> tensor);
+    an input a loss does not reach must have a zero golden gradient."""
+    for loss_name, expected_grads in golden_grads.items():
+        grads = torch.autograd.grad(losses[loss_name], list(inputs.values()),
+                                    retain_graph=True, allow_unused=True)
+        for (input_name, leaf), grad in zip(inputs.items(), grads):
+            grad = torch.zeros_like(leaf) if grad is None else grad
+            _assert_golden_close(grad, expected_grads[input_name],
+                                 f"{what}d {loss_name} / d {input_name}")
+
+
+@pytest.fixture
+def assert_golden_gradients():
+    """``assert_golden_gradients(losses, inputs, golden_grads, what="")``, see above."""
+    return _assert_golden_gradients
+
+
+# Our name of a per-image weight (``return_weights=True``) -> the golden per-image key.
+GOLDEN_WEIGHT_KEYS = {
+    "candidates": "inside_gt_bbox_mask",
+    "center_prior": "center_prior_weights",
+    "ious": "ious",
+    "pos_weight": "p_pos_weight",
+    "neg_weight": "p_neg_weight",
+}
+
+
+def _assert_golden_weights(weights, golden_per_image):
+    """Per-image weights returned with ``return_weights=True`` against the golden
+    intermediates: the same keys, detached, within the golden tolerance."""
+    assert len(weights) == len(golden_per_image)
+    for i, (mine, golden) in enumerate(zip(weights, golden_per_image)):
+        assert set(mine) == set(GOLDEN_WEIGHT_KEYS)
+        for ours, theirs in GOLDEN_WEIGHT_KEYS.items():
+            assert not mine[ours].requires_grad
+            _assert_golden_close(mine[ours], golden[theirs], f"image {i} {ours}")
+
+
+@pytest.fixture
+def assert_golden_weights():
+    """``assert_golden_weights(weights, golden_per_image)``, see above."""
+    return _assert_golden_weights

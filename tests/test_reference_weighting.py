@@ -1,16 +1,11 @@
 """The benchmark's per-GT-loop reference reproduces the official code's golden cases."""
 import importlib.util
-import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-GOLDEN = Path(os.environ.get("DW_D2_GOLDEN",
-                             Path(__file__).resolve().parents[2] / "shared" / "golden"))
-RTOL = 1e-9
 
 
 def _load_reference():
@@ -22,31 +17,6 @@ def _load_reference():
 
 
 reference = _load_reference()
-
-needs_golden = pytest.mark.skipif(not GOLDEN.is_dir(), reason=f"no golden cases at {GOLDEN}")
-
-
-def _golden_files(kind, with_grads=False):
-    """Case files of one kind, as listed in the golden index."""
-    if not GOLDEN.is_dir():
-        return []
-    cases = json.loads((GOLDEN / "index.json").read_text())["cases"]
-    return [c["file"] for c in cases
-            if c["kind"] == kind and (c["has_grads"] or not with_grads)]
-
-
-def _load(name):
-    return torch.load(GOLDEN / name, weights_only=True)
-
-
-def _assert_close(actual, expected, what):
-    assert actual.shape == expected.shape, \
-        f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    if expected.dtype == torch.bool:
-        assert torch.equal(actual, expected), f"{what}: masks differ"
-        return
-    torch.testing.assert_close(actual.detach().to(expected.dtype), expected,
-                               rtol=RTOL, atol=0, msg=what)
 
 
 def _leaves(case, score_key):
@@ -62,35 +32,31 @@ def _run_dw(case, inputs, **kwargs):
     )
 
 
-@needs_golden
-@pytest.mark.parametrize("name", _golden_files("dw_loss"))
-def test_dw_reference_matches_golden_losses_and_intermediates(name):
-    case = _load(name)
+def test_dw_reference_matches_golden_losses_and_intermediates(golden_dw_loss_case,
+                                                              assert_golden_close):
+    case = golden_dw_loss_case
+    name = case["name"]
     inputs = _leaves(case, "centerness_logits")
     out = _run_dw(case, inputs, return_intermediates=True)
     for key in ("loss_cls_pos", "loss_loc", "loss_cls_neg"):
-        _assert_close(out[key], case["outputs"][key], f"{name} {key}")
+        assert_golden_close(out[key], case["outputs"][key], f"{name} {key}")
     for i, (mine, gold) in enumerate(zip(out["per_image"], case["per_image"])):
         for key, value in gold.items():
-            _assert_close(mine[key], value, f"{name} image {i} {key}")
+            assert_golden_close(mine[key], value, f"{name} image {i} {key}")
 
     fp64 = _run_dw(case, inputs, round_neg_normaliser_to_float32=False)
-    _assert_close(fp64["loss_cls_neg"], case["outputs"]["loss_cls_neg_fp64_normaliser"],
+    assert_golden_close(fp64["loss_cls_neg"], case["outputs"]["loss_cls_neg_fp64_normaliser"],
                   f"{name} float64 negative normaliser")
 
 
-@needs_golden
-@pytest.mark.parametrize("name", _golden_files("dw_loss", with_grads=True))
-def test_dw_reference_matches_golden_gradients(name):
-    case = _load(name)
-    for loss_name, expected in case["grads"].items():
-        inputs = _leaves(case, "centerness_logits")
-        # The golden gradients come from the run with the float64 negative normaliser.
-        loss = _run_dw(case, inputs, round_neg_normaliser_to_float32=False)[loss_name]
-        grads = torch.autograd.grad(loss, list(inputs.values()), allow_unused=True)
-        for (input_name, leaf), grad in zip(inputs.items(), grads):
-            grad = torch.zeros_like(leaf) if grad is None else grad
-            _assert_close(grad, expected[input_name], f"{name} d{loss_name}/d{input_name}")
+def test_dw_reference_matches_golden_gradients(golden_dw_loss_case, assert_golden_gradients):
+    case = golden_dw_loss_case
+    if "grads" not in case:
+        pytest.skip(f"{case['name']} stores no gradients")
+    inputs = _leaves(case, "centerness_logits")
+    # The golden gradients come from the run with the float64 negative normaliser.
+    losses = _run_dw(case, inputs, round_neg_normaliser_to_float32=False)
+    assert_golden_gradients(losses, inputs, case["grads"], f"{case['name']} ")
 
 
 def _autoassign_leaves(case):
@@ -111,23 +77,19 @@ def _run_autoassign(case, inputs, **kwargs):
     )
 
 
-@needs_golden
-@pytest.mark.parametrize("name", _golden_files("autoassign_loss"))
-def test_autoassign_reference_matches_golden(name):
-    case = _load(name)
+def test_autoassign_reference_matches_golden(golden_autoassign_loss_case, assert_golden_close,
+                                             assert_golden_gradients):
+    case = golden_autoassign_loss_case
+    name = case["name"]
     out = _run_autoassign(case, _autoassign_leaves(case), return_intermediates=True)
     for key in ("loss_pos", "loss_neg", "loss_center"):
-        _assert_close(out[key], case["outputs"][key], f"{name} {key}")
+        assert_golden_close(out[key], case["outputs"][key], f"{name} {key}")
     for i, (mine, gold) in enumerate(zip(out["per_image"], case["per_image"])):
         for key, value in gold.items():
-            _assert_close(mine[key], value, f"{name} image {i} {key}")
-    for loss_name, expected in case.get("grads", {}).items():
-        inputs = _autoassign_leaves(case)
-        loss = _run_autoassign(case, inputs)[loss_name]
-        grads = torch.autograd.grad(loss, list(inputs.values()), allow_unused=True)
-        for (input_name, leaf), grad in zip(inputs.items(), grads):
-            grad = torch.zeros_like(leaf) if grad is None else grad
-            _assert_close(grad, expected[input_name], f"{name} d{loss_name}/d{input_name}")
+            assert_golden_close(mine[key], value, f"{name} image {i} {key}")
+    inputs = _autoassign_leaves(case)
+    assert_golden_gradients(_run_autoassign(case, inputs), inputs, case.get("grads", {}),
+                            f"{name} ")
 
 
 def _overlapping_same_class_boxes():
