@@ -9,15 +9,16 @@ prior G and the confidence ``exp(T * p_pos)``, with ``p_pos = S[c_m] * exp(-5 (1
 of the image. A centre loss ``M / sum G`` keeps the prior from collapsing.
 """
 import torch
-import torch.nn.functional as F
 
 from .box_overlap import aligned_iou_and_giou, decode_distances, redecode_boxes
 from .common import (EPS, autocast_disabled, check_class_range, check_dense_inputs,
                      mean_over_workers, resolve_pair_values, segment_max, segment_min,
                      segment_sum, weighting_dtype)
+from .elementwise import bce_with_one_target
 from .negative_term import joint_score_terms
 from .pairs import (add_topk_pairs_for_empty_boxes, box_centers, center_prior, concat_ground_truth,
-                    per_image_weight_maps, find_candidate_pairs)
+                    distinct_score_entries, find_candidate_pairs, gather_coordinates,
+                    gather_pair_inputs, per_image_weight_maps)
 
 __all__ = ["autoassign_loss"]
 
@@ -82,37 +83,37 @@ def autoassign_loss(points, strides, cls_logits, box_dists, obj_logits, gt_boxes
             pairs = add_topk_pairs_for_empty_boxes(pairs, points, strides, gt, prior_mean,
                                                    prior_sigma, topk)
 
-        pair_class = gt.classes[pairs.gt]
-        pair_prediction = pairs.image * num_points + pairs.point
-        pair_score_index = pair_prediction * num_classes + pair_class
+        pair = gather_pair_inputs(points, strides, box_dists, num_classes, gt, pairs)
         # Negative weight: the score is scaled down where the prediction localises a GT well.
         iou = _best_iou_at_candidates(points, box_dists, pairs, gt, num_points, box_eps)
-        neg_entries, neg_values = _negative_weight_entries(iou, pairs, pair_score_index,
-                                                           gt.num_boxes, duplicate_rule)
+        entries = distinct_score_entries(pair.score_entry, cls_logits.numel())
+        neg_values = _negative_weight_values(iou, pairs, entries, gt.num_boxes, duplicate_rule)
         # p_cls = S[r, c_m] at the pairs, S = sigmoid(cls) * sigmoid(obj) (N, R, C); the
         # negative sum is sum (S w-)**2 BCE(S w-, 0).
-        p_cls, neg_sum = joint_score_terms(cls_logits, obj_logits, pair_score_index, neg_entries,
-                                           neg_values, 2.0, weight_scales_score=True)
+        p_cls, neg_sum = joint_score_terms(cls_logits, obj_logits, entries.entries,
+                                           entries.entry_of_pair, neg_values, 2.0,
+                                           weight_scales_score=True)
 
-        pair_points = points[pairs.point]
-        predicted = decode_distances(pair_points, box_dists.reshape(-1, 4)[pair_prediction])
-        target = redecode_boxes(pair_points, gt.boxes[pairs.gt])
+        x, y = pair.points
+        predicted = decode_distances(x, y, pair.distances)
+        with torch.no_grad():
+            target = redecode_boxes(x, y, pair.boxes)
         _, giou = aligned_iou_and_giou(predicted, target, box_eps)
         p_loc = torch.exp(-(giou_weight * (1 - giou)))
-        prior = center_prior(pair_points, strides[pairs.point], box_centers(gt.boxes)[pairs.gt],
-                             prior_mean[pair_class], prior_sigma[pair_class])
+        prior = center_prior(pair.points, pair.strides, box_centers(pair.boxes),
+                             gather_coordinates(prior_mean, pair.classes),
+                             gather_coordinates(prior_sigma, pair.classes))
 
         # Positive: per GT, a confidence- and prior-weighted mean of p_pos (w+ keeps its graph).
         p_pos = p_cls * p_loc
         weighted_prior = torch.exp(p_pos * confidence_temperature) * prior
         weight_sum = segment_sum(weighted_prior, pairs.gt, gt.num_boxes).clamp(min=EPS)
-        pos_weight = weighted_prior / weight_sum[pairs.gt]
+        pos_weight = weighted_prior / weight_sum.index_select(0, pairs.gt)
         gt_p_pos = segment_sum(p_pos * pos_weight, pairs.gt, gt.num_boxes)
         # sum w+ can round to 1 + ulp where p_pos == 1 (saturated scores, exact boxes); the
         # official code would then fail BCE's [0, 1] input check.
         gt_p_pos = gt_p_pos.clamp(max=1)
-        pos_sum = F.binary_cross_entropy(gt_p_pos, torch.ones_like(gt_p_pos),
-                                         reduction="none").sum()
+        pos_sum = bce_with_one_target(gt_p_pos).sum()
 
         # Centre: M_i / sum G_i per image with candidates; 0 (still on the graph) otherwise.
         image_prior_sum = segment_sum(prior, pairs.image, num_images)
@@ -143,7 +144,7 @@ def autoassign_loss(points, strides, cls_logits, box_dists, obj_logits, gt_boxes
             return losses
 
         weights = per_image_weight_maps(pairs, gt, num_points, prior, pos_weight, iou,
-                                        neg_entries, neg_values, cls_logits.shape)
+                                        entries.entries, neg_values, cls_logits.shape)
         return losses, weights
 
 
@@ -153,9 +154,7 @@ def _best_iou_at_candidates(points, box_dists, pairs, gt, num_points, box_eps):
     The official code takes, for each point, the maximum IoU over all GT boxes of the image,
     including boxes the point is not a candidate of, and uses it only at candidates. It is
     therefore computed here only for the points that are a candidate of some box, against
-    every GT box of their image: O(candidate points x M_i) work and memory, no gradient. This
-    (U_i, M_i) product dominates AutoAssign's cost at many GT boxes, so it is evaluated one
-    coordinate at a time, in place, without the (U, M, 4) stacks of the generic box functions.
+    every GT box of their image: O(candidate points x M_i) work, no gradient.
     """
     with torch.no_grad():
         point_key = pairs.image * num_points + pairs.point
@@ -163,50 +162,73 @@ def _best_iou_at_candidates(points, box_dists, pairs, gt, num_points, box_eps):
         if candidate_points.numel() == 0:
             return box_dists.new_zeros(0)
         # candidate_points is sorted, so each image's points are one slice.
-        points_per_image = torch.bincount(candidate_points // num_points,
-                                          minlength=len(gt.counts)).tolist()
-        point = points[candidate_points % num_points]
-        predicted = decode_distances(point, box_dists.reshape(-1, 4)[candidate_points])
+        points_per_image = torch.bincount(
+            torch.div(candidate_points, num_points, rounding_mode="floor"),
+            minlength=len(gt.counts)).tolist()
+        point = points.index_select(0, candidate_points % num_points)
+        predicted = box_dists.reshape(-1, 4).index_select(0, candidate_points)
         best = [_max_iou_with_boxes(point_slice, predicted_slice, boxes, box_eps)
                 for point_slice, predicted_slice, boxes in zip(
                     point.split(points_per_image), predicted.split(points_per_image),
                     gt.boxes.split(gt.counts))]
-        return torch.cat(best)[pair_to_point]
+        return torch.cat(best).index_select(0, pair_to_point)
 
 
-def _max_iou_with_boxes(points, predicted, boxes, eps):
-    """max_m IoU(predicted[u], boxes[m] re-decoded at points[u]) -> (U,), as
-    :func:`aligned_iou` with :func:`redecode_boxes` computes each value.
+# Point x box entries per block of the CPU max-IoU: its few buffers stay within L2.
+_CPU_BLOCK_ENTRIES = 1 << 16
+
+
+def _max_iou_with_boxes(points, distances, boxes, eps):
+    """max_m IoU(prediction at points[u], boxes[m] re-decoded at points[u]) -> (U,), each value
+    as :func:`aligned_iou_and_giou` computes it.
+
+    The (U, M) products are evaluated a block of points at a time (all at once on CUDA), one
+    coordinate at a time and in place, so that they stay in the cache.
 
     Args:
-        points: (U, 2); predicted: (U, 4) XYXY; boxes: (M, 4) XYXY.
+        points: (U, 2); distances: (U, 4) predicted l, t, r, b; boxes: (M, 4) XYXY.
     """
-    if points.shape[0] == 0 or boxes.shape[0] == 0:
-        return points.new_zeros(points.shape[0])
-    x, y = points[:, 0:1], points[:, 1:2]
-    box_x1, box_y1, box_x2, box_y2 = boxes.t()[:, None, :]
-    # The GT box as the head sees it at each point (encoded as distances, decoded).
-    x1 = x - (x - box_x1)
-    y1 = y - (y - box_y1)
-    x2 = x + (box_x2 - x)
-    y2 = y + (box_y2 - y)
-    box_area = (x2 - x1).mul_(y2 - y1)
-    pred_x1, pred_y1, pred_x2, pred_y2 = predicted[:, :, None].unbind(1)
+    num_points, num_boxes = points.shape[0], boxes.shape[0]
+    if num_points == 0 or num_boxes == 0:
+        return points.new_zeros(num_points)
+    x, y = points.t().contiguous()[:, :, None]
+    pred_x1, pred_y1, pred_x2, pred_y2 = decode_distances(x, y, distances.t()[:, :, None])
     pred_area = (pred_x2 - pred_x1) * (pred_y2 - pred_y1)
-    overlap_w = torch.minimum(pred_x2, x2).sub_(torch.maximum(pred_x1, x1)).clamp_(min=0)
-    overlap_h = torch.minimum(pred_y2, y2).sub_(torch.maximum(pred_y1, y1)).clamp_(min=0)
-    overlap = overlap_w.mul_(overlap_h)
-    union = box_area.add_(pred_area).sub_(overlap).clamp_(min=eps)
-    return overlap.div_(union).max(dim=1).values
+    box_x1, box_y1, box_x2, box_y2 = boxes.t().contiguous()[:, None, :]
+    if points.device.type == "cpu":
+        rows_per_block = max(1, _CPU_BLOCK_ENTRIES // num_boxes)
+    else:
+        rows_per_block = num_points
+    best = points.new_empty(num_points)
+    buffers = [points.new_empty(min(rows_per_block, num_points), num_boxes) for _ in range(6)]
+    for start in range(0, num_points, rows_per_block):
+        rows = slice(start, start + rows_per_block)
+        size = x[rows].shape[0]
+        x1, y1, x2, y2, overlap, scratch = (b[:size] for b in buffers)
+        # The GT box as the head sees it at each point (encoded as distances, decoded).
+        torch.sub(x[rows], torch.sub(x[rows], box_x1, out=scratch), out=x1)
+        torch.sub(y[rows], torch.sub(y[rows], box_y1, out=scratch), out=y1)
+        torch.add(x[rows], torch.sub(box_x2, x[rows], out=scratch), out=x2)
+        torch.add(y[rows], torch.sub(box_y2, y[rows], out=scratch), out=y2)
+        box_area = torch.sub(x2, x1, out=scratch).mul_(torch.sub(y2, y1, out=overlap))
+        overlap_w = torch.minimum(pred_x2[rows], x2, out=x2).sub_(
+            torch.maximum(pred_x1[rows], x1, out=x1)).clamp_(min=0)
+        overlap_h = torch.minimum(pred_y2[rows], y2, out=y2).sub_(
+            torch.maximum(pred_y1[rows], y1, out=y1)).clamp_(min=0)
+        overlap = torch.mul(overlap_w, overlap_h, out=overlap)
+        union = box_area.add_(pred_area[rows]).sub_(overlap).clamp_(min=eps)
+        torch.amax(overlap.div_(union), dim=1, out=best[rows])
+    return best
 
 
-def _negative_weight_entries(iou, pairs, pair_score_index, num_boxes, duplicate_rule):
-    """The entries of w- (N, R, C) that are not 1: the flat (image, point, class) entries
-    (r, c_m) of candidates r of m and their values ``1 - normalise(1 / (1 - iou))``, as
-    :func:`resolve_pair_values` returns them."""
+def _negative_weight_values(iou, pairs, entries, num_boxes, duplicate_rule):
+    """The values of w- (N, R, C) at the entries (r, c_m) of candidates r of m (1 elsewhere):
+    ``1 - normalise(1 / (1 - iou))``, one per entry as :func:`resolve_pair_values` keeps
+    them."""
     with torch.no_grad():
         value = 1 / (1 - iou).clamp(min=EPS)
-        low = segment_min(value, pairs.gt, num_boxes)[pairs.gt]
-        high = segment_max(value, pairs.gt, num_boxes)[pairs.gt]
+        low = segment_min(value, pairs.gt, num_boxes).index_select(0, pairs.gt)
+        high = segment_max(value, pairs.gt, num_boxes).index_select(0, pairs.gt)
         value = (value - low + EPS) / (high - low + EPS)
-        return resolve_pair_values(pair_score_index, 1 - value, pairs.gt, duplicate_rule)
+        return resolve_pair_values(1 - value, entries.entry_of_pair,
+                                   entries.last_pair_of_entry, duplicate_rule)

@@ -78,9 +78,9 @@ def segment_max(values: Tensor, segment_ids: Tensor, num_segments: int) -> Tenso
         0, segment_ids, values, "amax", include_self=False)
 
 
-def resolve_pair_values(flat_index: Tensor, values: Tensor, gt_index: Tensor,
-                        duplicate_rule: str) -> Tuple[Tensor, Tensor]:
-    """The entries of a flat dense map that per-pair values write, and the value each keeps.
+def resolve_pair_values(values: Tensor, entry_of_pair: Tensor, last_pair_of_entry: Tensor,
+                        duplicate_rule: str) -> Tensor:
+    """The value each entry of a dense map keeps when several pairs write it.
 
     The official heads write the negative weight with an advanced-index assignment whose
     indices repeat where a point is a candidate of two GT boxes of the same class. That is
@@ -90,24 +90,17 @@ def resolve_pair_values(flat_index: Tensor, values: Tensor, gt_index: Tensor,
     on the order of the GT boxes.
 
     Args:
-        flat_index: (P,) int64 entry of each pair.
         values: (P,) value of each pair.
-        gt_index: (P,) int64 GT index of each pair; only its order within an image matters.
+        entry_of_pair, last_pair_of_entry: (P,) and (E,), see
+            :class:`~dw_d2.assign.pairs.ScoreEntries`.
         duplicate_rule: ``"last_gt"`` or ``"min"``.
     Returns:
-        ``(entries, entry_values)``: (E,) distinct entries in ascending order, (E,) values.
+        (E,) the value of each entry.
     """
-    entries, entry_of_pair = torch.unique(flat_index, return_inverse=True)
-    if duplicate_rule == "min":
-        entry_values = values.new_zeros(entries.shape).scatter_reduce_(
-            0, entry_of_pair, values, "amin", include_self=False)
-        return entries, entry_values
-    winning_gt = torch.full_like(entries, -1).scatter_reduce_(
-        0, entry_of_pair, gt_index, "amax", include_self=True)
-    wins = gt_index == winning_gt[entry_of_pair]
-    entry_values = values.new_empty(entries.shape)
-    entry_values[entry_of_pair[wins]] = values[wins]
-    return entries, entry_values
+    if duplicate_rule == "last_gt":
+        return values.index_select(0, last_pair_of_entry)
+    return values.new_zeros(last_pair_of_entry.shape).scatter_reduce_(
+        0, entry_of_pair, values, "amin", include_self=False)
 
 
 def check_dense_inputs(points: Tensor, strides: Tensor, cls_logits: Tensor, box_dists: Tensor,

@@ -14,15 +14,15 @@ official ``DWHead`` (strongwolf/DW) computes them, quirks included (see the gold
 * losses on probabilities with ``F.binary_cross_entropy`` (log clamped at -100).
 """
 import torch
-import torch.nn.functional as F
 
 from .box_overlap import aligned_iou_and_giou, decode_distances, redecode_boxes
 from .common import (EPS, autocast_disabled, check_class_range, check_dense_inputs,
                      mean_over_workers, resolve_pair_values, segment_max, segment_min,
                      segment_sum, weighting_dtype)
+from .elementwise import bce_with_one_target
 from .negative_term import joint_score_terms
-from .pairs import (box_centers, center_prior, concat_ground_truth, per_image_weight_maps,
-                    find_candidate_pairs)
+from .pairs import (box_centers, center_prior, concat_ground_truth, distinct_score_entries,
+                    find_candidate_pairs, gather_pair_inputs, per_image_weight_maps)
 
 __all__ = ["dual_weighting_loss"]
 
@@ -83,24 +83,25 @@ def dual_weighting_loss(points, strides, cls_logits, box_dists, ctr_logits, gt_b
         check_class_range(gt.classes, num_classes)
         pairs = find_candidate_pairs(points, gt, strides)
 
-        pair_class = gt.classes[pairs.gt]
-        pair_prediction = pairs.image * num_points + pairs.point
-        pair_score_index = pair_prediction * num_classes + pair_class
+        pair = gather_pair_inputs(points, strides, box_dists, num_classes, gt, pairs)
 
-        pair_points = points[pairs.point]
-        predicted = decode_distances(pair_points, box_dists.reshape(-1, 4)[pair_prediction])
-        target = redecode_boxes(pair_points, gt.boxes[pairs.gt])
+        x, y = pair.points
+        predicted = decode_distances(x, y, pair.distances)
+        with torch.no_grad():
+            target = redecode_boxes(x, y, pair.boxes)
         iou, giou = aligned_iou_and_giou(predicted, target, box_eps)
         iou = iou.detach()
         p_loc = torch.exp(-(1 - giou) * loc_beta)
-        neg_entries, neg_values = _negative_weight_entries(
-            iou, pairs, pair_score_index, gt.num_boxes, neg_iou_thresh, duplicate_rule)
+        entries = distinct_score_entries(pair.score_entry, cls_logits.numel())
+        neg_values = _negative_weight_values(iou, pairs, entries, gt.num_boxes, neg_iou_thresh,
+                                             duplicate_rule)
         # p_cls = S[r, c_m] at the pairs, S = sigmoid(cls) * sigmoid(ctr) (N, R, C); loss_cls_neg
         # = sum w- S**gamma BCE(S, 0).
-        p_cls, neg_sum = joint_score_terms(cls_logits, ctr_logits, pair_score_index, neg_entries,
-                                           neg_values, neg_gamma, weight_scales_score=False)
-        prior = center_prior(pair_points, strides[pairs.point], box_centers(gt.boxes)[pairs.gt],
-                             None, torch.tensor(center_prior_sigma, dtype=dtype, device=device))
+        p_cls, neg_sum = joint_score_terms(cls_logits, ctr_logits, entries.entries,
+                                           entries.entry_of_pair, neg_values, neg_gamma,
+                                           weight_scales_score=False)
+        prior = center_prior(pair.points, pair.strides, box_centers(pair.boxes), None,
+                             torch.tensor(center_prior_sigma, dtype=dtype, device=device))
 
         # w+ is detached (as in the official head): scores and boxes learn only through the
         # BCE terms it weights, never by moving the weights themselves.
@@ -109,11 +110,10 @@ def dual_weighting_loss(points, strides, cls_logits, box_dists, ctr_logits, gt_b
             numerator = torch.exp(pos_num_exp * p_pos) * p_pos * prior
             denominator = segment_sum(torch.exp(pos_den_exp * p_pos) * p_pos * prior, pairs.gt,
                                       gt.num_boxes).clamp(min=EPS)
-            pos_weight = numerator / denominator[pairs.gt]
+            pos_weight = numerator / denominator.index_select(0, pairs.gt)
 
-        ones = torch.ones_like(p_cls)
-        cls_pos_sum = (F.binary_cross_entropy(p_cls, ones, reduction="none") * pos_weight).sum()
-        loc_sum = (F.binary_cross_entropy(p_loc, ones, reduction="none") * pos_weight).sum()
+        cls_pos_sum = (bce_with_one_target(p_cls) * pos_weight).sum()
+        loc_sum = (bce_with_one_target(p_loc) * pos_weight).sum()
 
         # w- is 1 off the written entries, so only they add to sum(1 - w-).
         neg_avg_factor = (1 - neg_values).sum()
@@ -137,21 +137,20 @@ def dual_weighting_loss(points, strides, cls_logits, box_dists, ctr_logits, gt_b
             return losses
 
         weights = per_image_weight_maps(pairs, gt, num_points, prior, pos_weight, iou,
-                                        neg_entries, neg_values, cls_logits.shape)
+                                        entries.entries, neg_values, cls_logits.shape)
         return losses, weights
 
 
-def _negative_weight_entries(iou, pairs, pair_score_index, num_boxes, neg_iou_thresh,
-                             duplicate_rule):
-    """The entries of w- (N, R, C) that are not 1: the flat (image, point, class) entries
-    (r, c_m) of candidates r of m and their normalised negative values, as
-    :func:`resolve_pair_values` returns them."""
+def _negative_weight_values(iou, pairs, entries, num_boxes, neg_iou_thresh, duplicate_rule):
+    """The values of w- (N, R, C) at the entries (r, c_m) of candidates r of m (1 elsewhere):
+    the normalised negative values, one per entry as :func:`resolve_pair_values` keeps them."""
     with torch.no_grad():
         # The official order of operations: t(x) = x**2 / (thr**2 - 1) - 1 / (thr**2 - 1).
         scale = 1 / (neg_iou_thresh ** _NEG_IOU_EXPONENT - 1)
         value = scale * iou ** _NEG_IOU_EXPONENT - scale
-        low = segment_min(value, pairs.gt, num_boxes)[pairs.gt]
-        high = segment_max(value, pairs.gt, num_boxes).clamp(max=1)[pairs.gt]
+        low = segment_min(value, pairs.gt, num_boxes).index_select(0, pairs.gt)
+        high = segment_max(value, pairs.gt, num_boxes).clamp(max=1).index_select(0, pairs.gt)
         value = (value - low + EPS) / (high - low + EPS)
         value = torch.where(iou < neg_iou_thresh, torch.ones_like(value), value)
-        return resolve_pair_values(pair_score_index, value, pairs.gt, duplicate_rule)
+        return resolve_pair_values(value, entries.entry_of_pair, entries.last_pair_of_entry,
+                                   duplicate_rule)

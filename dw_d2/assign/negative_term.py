@@ -9,31 +9,37 @@ focal-like negative term ``a * h(b * S)`` with ``h(x) = x**gamma * BCE(x, 0)``. 
 Built from torch ops, this costs a dozen fresh (N, R, C) tensors per step (a dense weight map,
 a target of zeros, BCE's kernel and its backward, the pow, product and gather graphs), and on
 the CPU each fresh buffer of that size costs more in page faults than the pass that fills it.
-One autograd function here keeps the weights sparse and runs the forward and backward as a
-few in-place passes. Its values follow torch's CPU formulas (``BCE(x, 0) = -max(log1p(-x),
--100)``, derivative ``x / max((1 - x) x, 1e-12)``, ``sigmoid' = (1 - s) s``) to rounding.
+One autograd function here keeps the weights sparse and, because the term is only ever summed,
+computes its gradient in the same pass as its value: one sweep over the score map, block by
+block, in a few reusable block-sized buffers (sized to stay in a core's cache on the CPU; on
+CUDA the whole map is one block), writes the sum and the logits' gradient, which the backward
+pass then only scales. Its values follow torch's CPU formulas (``BCE(x, 0) =
+-max(log1p(-x), -100)``, BCE's derivative ``x / max((1 - x) x, 1e-12)``, ``pow``'s
+``gamma x**(gamma - 1)``, ``sigmoid' = (1 - s) s``), in torch's order of operations.
 """
-from typing import Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-# torch's BCE clamps the log at -100 and the derivative's denominator at 1e-12.
-_LOG_CLAMP = -100.0
-_GRAD_EPS = 1e-12
+from .elementwise import BCE_GRAD_EPS as _GRAD_EPS, LOG_CLAMP as _LOG_CLAMP
+
+# Entries per block on the CPU: the block's buffers together stay within a core's L2 cache.
+CPU_BLOCK_ENTRIES = 1 << 17
 
 
-def joint_score_terms(cls_logits: Tensor, score_logits: Tensor, pair_entries: Tensor,
-                      neg_entries: Tensor, neg_weights: Tensor, gamma: float,
+def joint_score_terms(cls_logits: Tensor, score_logits: Tensor, entries: Tensor,
+                      entry_of_pair: Tensor, neg_weights: Tensor, gamma: float,
                       weight_scales_score: bool) -> Tuple[Tensor, Tensor]:
     """The joint score at the candidate pairs, and the dense negative term.
 
     Args:
         cls_logits: (N, R, C) classification logits.
         score_logits: (N, R, 1) centerness / objectness logits.
-        pair_entries: (P,) int64 flat (image, point, class) index of each pair.
-        neg_entries: (E,) int64 distinct flat indices whose negative weight is not 1.
-        neg_weights: (E,) their weights (no gradient).
+        entries: (E,) int64 distinct flat (image, point, class) entries of the pairs, in
+            ascending order: the entries whose negative weight is not 1.
+        entry_of_pair: (P,) int64 index into ``entries`` of each pair's entry.
+        neg_weights: (E,) the negative weight at each entry (no gradient).
         gamma: exponent of the score factor of the negative term.
         weight_scales_score: False: the weight multiplies the term (DW); True: it scales the
             score inside it (AutoAssign).
@@ -41,101 +47,175 @@ def joint_score_terms(cls_logits: Tensor, score_logits: Tensor, pair_entries: Te
         ``(p_cls, neg_sum)``: (P,) ``S`` at the pairs and the 0-dim sum
         ``sum_k a_k h(b_k S_k)``, both differentiable w.r.t. both logits.
     """
-    return _JointScoreTerms.apply(cls_logits, score_logits, pair_entries, neg_entries,
-                                  neg_weights.detach(), float(gamma), bool(weight_scales_score))
+    with_grad = torch.is_grad_enabled() and (cls_logits.requires_grad
+                                             or score_logits.requires_grad)
+    return _JointScoreTerms.apply(cls_logits, score_logits, entries, entry_of_pair,
+                                  neg_weights.detach(), float(gamma), bool(weight_scales_score),
+                                  with_grad)
 
 
-def _bce_with_zero_target(x: Tensor) -> Tuple[Tensor, Tensor]:
-    """``BCE(x, 0) = -max(log1p(-x), -100)`` for x in [0, 1], accurate to a few ulp.
+def _bce_with_zero_target(x: Tensor, one_minus_x: Tensor, out: Tensor, scratch: Tensor) -> Tensor:
+    """``BCE(x, 0) = -max(log1p(-x), -100)`` for x in [0, 1], accurate to a few ulp, into ``out``.
 
     torch's CPU ``log1p`` is not vectorised (about 20x slower than ``log`` here), and
     ``log(1 - x)`` loses all relative precision for small x, where the scores mostly are.
     Goldberg's identity ``log1p(z) = z log(u) / (u - 1)`` with ``u = 1 + z`` cancels the
-    rounding of u; where u rounds to 1 (0 / 0 here), ``log1p(z) = z`` to within an ulp.
-    Every step is in place: a fresh (N, R, C) buffer costs more in page faults than its pass.
+    rounding of u. Where u rounds to 1 it gives 0 / 0, and there ``-log1p(-x) = x`` to within
+    an ulp; as ``-log1p(-x) >= x`` everywhere, ``max(result with NaN -> 0, x)`` takes care of
+    it without a mask.
 
-    Returns:
-        ``BCE(x, 0)``, and a spare buffer of the same size for the caller's next step.
+    Args:
+        x: the probabilities; one_minus_x: ``1 - x``, kept.
+        out, scratch: buffers of x's size; scratch is overwritten.
     """
-    bce = 1 - x
-    u_minus_one = bce - 1
-    bce.log_().mul_(x).div_(u_minus_one).nan_to_num_(nan=0.0, posinf=float("inf"))
-    bce.addcmul_(u_minus_one.eq_(0), x).clamp_(max=-_LOG_CLAMP)
-    return bce, u_minus_one
+    u_minus_one = torch.sub(one_minus_x, 1, out=scratch)
+    bce = torch.log(one_minus_x, out=out).mul_(x).div_(u_minus_one)
+    bce.nan_to_num_(nan=0.0, posinf=float("inf"))
+    return torch.maximum(bce, x, out=bce).clamp_(max=-_LOG_CLAMP)
 
 
-def _focal_term(x: Tensor, bce: Tensor, gamma: float, out: Tensor) -> Tensor:
-    """``x**gamma * bce`` into ``out``; ``x * x`` is what torch's ``pow`` computes for gamma 2."""
-    factor = torch.mul(x, x, out=out) if gamma == 2.0 else torch.pow(x, gamma, out=out)
-    return factor.mul_(bce)
+def _small_term_and_grad(x: Tensor, gamma: float, with_grad: bool):
+    """``h(x) = x**gamma * BCE(x, 0)`` and, with ``with_grad``, ``h'(x)`` of a small vector, as
+    the block pass computes them."""
+    one_minus_x = 1 - x
+    bce = _bce_with_zero_target(x, one_minus_x, torch.empty_like(x), torch.empty_like(x))
+    power = x * x if gamma == 2.0 else x.pow(gamma)
+    term = power * bce
+    if not with_grad:
+        return term, None
+    return term, _focal_grad(x, one_minus_x, bce, power, gamma)
 
 
-def _focal_term_grad(x: Tensor, bce: Tensor, gamma: float) -> Tuple[Tensor, Tensor]:
-    """d/dx of ``x**gamma * BCE(x, 0)``, with the pow and BCE backward formulas of torch:
-    ``x**gamma * x / max((1 - x) x, 1e-12) + gamma x**(gamma - 1) BCE``.
+def _focal_grad(x: Tensor, one_minus_x: Tensor, bce: Tensor, power: Tensor, gamma: float):
+    """``h'(x)`` with torch's pow and BCE backward formulas, ``x**gamma * x / max((1 - x) x,
+    1e-12) + BCE * gamma x**(gamma - 1)``, overwriting its arguments: ``one_minus_x``, ``bce``
+    and ``power`` (``x**gamma``, which becomes the result)."""
+    denominator = one_minus_x.mul_(x).clamp_(min=_GRAD_EPS)
+    grad = power.mul_(x).div_(denominator)
+    if gamma == 2.0:
+        # BCE * (2 x) == 2 (BCE x) exactly: scaling by 2 does not round.
+        return grad.add_(bce.mul_(x), alpha=2.0)
+    return grad.add_(bce.mul_(torch.pow(x, gamma - 1, out=denominator)).mul_(gamma))
 
-    Returns:
-        the gradient, and a spare buffer of the same size for the caller's next step.
+
+class _DenseResult(NamedTuple):
+    neg_sum: Tensor  # 0-dim
+    entry_cls_prob: Tensor  # (E,) s = sigmoid(cls) at the entries
+    entry_joint: Tensor  # (E,) S = s q at the entries
+    grad_cls: Optional[Tensor]  # (N * R, C) d neg_sum / d cls_logits
+    grad_score: Optional[Tensor]  # (N * R, 1) d neg_sum / d score_logits
+
+
+def _dense_negative_term(cls_rows: Tensor, score_rows: Tensor, neg_entries: Tensor,
+                         neg_weights: Tensor, gamma: float, weight_scales_score: bool,
+                         with_grad: bool) -> _DenseResult:
+    """The negative sum over the (N * R, C) score map, s and S at the (sorted) entries and,
+    with ``with_grad``, the sum's gradient w.r.t. both logits, one block of rows at a time.
+
+    The weights apply at the few written entries: the block's term is summed as if they were
+    all 1 (a dot product, nothing written), then corrected at those entries.
     """
-    scratch = torch.rsub(x, 1).mul_(x).clamp_(min=_GRAD_EPS)
-    grad = x * x if gamma == 2.0 else x.pow(gamma)
-    grad.mul_(x).div_(scratch)
-    pow_grad = (torch.mul(x, 2.0, out=scratch) if gamma == 2.0
-                else torch.pow(x, gamma - 1, out=scratch).mul_(gamma))
-    return grad.add_(pow_grad.mul_(bce)), scratch
+    num_rows, num_classes = cls_rows.shape
+    if cls_rows.device.type == "cpu":
+        rows_per_block = max(1, CPU_BLOCK_ENTRIES // max(num_classes, 1))
+    else:
+        rows_per_block = max(num_rows, 1)
+    starts = range(0, num_rows, rows_per_block)
+    # neg_entries is sorted: each block's entries are one slice.
+    cuts = [0, neg_entries.shape[0]]
+    if len(starts) > 1:
+        bounds = torch.tensor(starts[1:], dtype=neg_entries.dtype) * num_classes
+        cuts[1:1] = torch.searchsorted(neg_entries, bounds.to(neg_entries.device)).tolist()
+
+    shape = (min(rows_per_block, num_rows), num_classes)
+    s_buf, joint_buf, one_minus_buf, bce_buf, power_buf = (
+        cls_rows.new_empty(shape) for _ in range(5))
+    grad_cls = torch.empty_like(cls_rows) if with_grad else None
+    grad_score = torch.empty_like(score_rows) if with_grad else None
+    entry_cls_prob = cls_rows.new_empty(neg_entries.shape)
+    entry_joint = cls_rows.new_empty(neg_entries.shape)
+    partial_sums = []
+    for block, start in enumerate(starts):
+        rows = slice(start, start + rows_per_block)
+        size = min(rows_per_block, num_rows - start)
+        s, joint, one_minus, bce, power = (
+            b[:size] for b in (s_buf, joint_buf, one_minus_buf, bce_buf, power_buf))
+        q = torch.sigmoid(score_rows[rows])
+        torch.mul(torch.sigmoid(cls_rows[rows], out=s), q, out=joint)
+        torch.neg(joint, out=one_minus).add_(1)  # 1 - S, rounded alike
+        _bce_with_zero_target(joint, one_minus, bce, power)
+        # x * x is what torch's pow computes for gamma 2.
+        torch.mul(joint, joint, out=power) if gamma == 2.0 else torch.pow(joint, gamma, out=power)
+        flat_bce, flat_power = bce.view(-1), power.view(-1)
+        block_sum = torch.dot(flat_power, flat_bce)
+
+        in_block = slice(cuts[block], cuts[block + 1])
+        local = neg_entries[in_block] - start * num_classes
+        weights = neg_weights[in_block]
+        torch.index_select(s.view(-1), 0, local, out=entry_cls_prob[in_block])
+        local_joint = torch.index_select(joint.view(-1), 0, local, out=entry_joint[in_block])
+        plain_term = flat_power.index_select(0, local) * flat_bce.index_select(0, local)
+        if weight_scales_score:
+            # h(w S), and d/dS h(w S) = h'(w S) w in the order torch's MulBackward applies it.
+            neg_term, neg_grad = _small_term_and_grad(local_joint * weights, gamma, with_grad)
+            neg_grad = neg_grad * weights if with_grad else None
+        else:
+            neg_term = weights * plain_term
+        partial_sums.append(block_sum + (neg_term - plain_term).sum())
+        if not with_grad:
+            continue
+        grad = _focal_grad(joint, one_minus, bce, power, gamma).view(-1)
+        if not weight_scales_score:
+            neg_grad = weights * grad.index_select(0, local)
+        grad.index_copy_(0, local, neg_grad)
+        grad = grad.view_as(s)
+        # d/d score: sum_c grad * s, times sigmoid' = (1 - q) q.
+        torch.sum(torch.mul(grad, s, out=bce), dim=1, keepdim=True, out=grad_score[rows])
+        grad_score[rows].mul_(1 - q).mul_(q)
+        # d/d cls: grad * q * (1 - s) * s.
+        torch.mul(grad, q, out=grad_cls[rows]).mul_(
+            torch.neg(s, out=one_minus).add_(1)).mul_(s)
+    return _DenseResult(torch.stack(partial_sums).sum(), entry_cls_prob, entry_joint, grad_cls,
+                        grad_score)
 
 
 class _JointScoreTerms(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, cls_logits, score_logits, pair_entries, neg_entries, neg_weights, gamma,
-                weight_scales_score):
+    def forward(ctx, cls_logits, score_logits, entries, entry_of_pair, neg_weights, gamma,
+                weight_scales_score, with_grad):
+        num_classes = cls_logits.shape[-1]
         # Flat indices address a row-major (N, R, C) map, whatever the head's layout.
-        cls_prob = cls_logits.sigmoid().contiguous()
-        score_prob = score_logits.sigmoid()
-        joint = cls_prob * score_prob
-        flat = joint.view(-1)
-        p_cls = flat[pair_entries]
-        bce, scratch = _bce_with_zero_target(flat)
-        term = _focal_term(flat, bce, gamma, out=scratch)
-        if weight_scales_score:
-            scaled = flat[neg_entries] * neg_weights
-            neg_bce, neg_scratch = _bce_with_zero_target(scaled)
-            term[neg_entries] = _focal_term(scaled, neg_bce, gamma, out=neg_scratch)
-        else:
-            neg_bce = bce[:0]
-            term[neg_entries] = neg_weights * term[neg_entries]
-        ctx.save_for_backward(cls_prob, score_prob, joint, bce, pair_entries, neg_entries,
-                              neg_weights, neg_bce)
+        cls_rows = cls_logits.reshape(-1, num_classes).contiguous()
+        score_rows = score_logits.reshape(-1, 1).contiguous()
+        dense = _dense_negative_term(cls_rows, score_rows, entries, neg_weights, gamma,
+                                     weight_scales_score, with_grad)
+        p_cls = dense.entry_joint.index_select(0, entry_of_pair)
+        ctx.save_for_backward(cls_rows, score_rows, entries, entry_of_pair, neg_weights)
+        ctx.dense = dense
         ctx.gamma, ctx.weight_scales_score = gamma, weight_scales_score
-        return p_cls, term.sum()
+        ctx.cls_shape, ctx.score_shape = cls_logits.shape, score_logits.shape
+        return p_cls, dense.neg_sum
 
     @staticmethod
     def backward(ctx, grad_p_cls, grad_neg_sum):
-        (cls_prob, score_prob, joint, bce, pair_entries, neg_entries, neg_weights,
-         neg_bce) = ctx.saved_tensors
-        gamma = ctx.gamma
-        flat = joint.view(-1)
-        grad, scratch = _focal_term_grad(flat, bce, gamma)
-        if ctx.weight_scales_score:
-            # d/dS h(w S) = h'(w S) w, in the order torch's MulBackward applies it.
-            scaled = flat[neg_entries] * neg_weights
-            grad[neg_entries] = _focal_term_grad(scaled, neg_bce, gamma)[0] * neg_weights
-        else:
-            grad[neg_entries] = neg_weights * grad[neg_entries]
-        grad.mul_(grad_neg_sum)
-        grad.index_add_(0, pair_entries, grad_p_cls)
-        grad = grad.view_as(joint)
-        grad_cls = grad_score = None
-        if ctx.needs_input_grad[1]:
-            # sum_c grad * sigmoid(cls) as a batched dot product: no (N, R, C) temporary.
-            num_classes = joint.shape[-1]
-            grad_score_prob = torch.bmm(grad.reshape(-1, 1, num_classes),
-                                        cls_prob.reshape(-1, num_classes, 1))
-            grad_score = torch.ops.aten.sigmoid_backward(
-                grad_score_prob.view_as(score_prob), score_prob)
-        if ctx.needs_input_grad[0]:
-            # sigmoid_backward's grad * (1 - s) * s, in place.
-            one_minus_cls_prob = torch.sub(1, cls_prob, out=scratch.view_as(cls_prob))
-            grad_cls = grad.mul_(score_prob).mul_(one_minus_cls_prob).mul_(cls_prob)
-        return grad_cls, grad_score, None, None, None, None, None
+        cls_rows, score_rows, entries, entry_of_pair, neg_weights = ctx.saved_tensors
+        dense = ctx.dense
+        if dense is None:
+            # A second backward through a retained graph: the first one scaled the saved
+            # gradient in place, so it is computed again.
+            dense = _dense_negative_term(cls_rows, score_rows, entries, neg_weights, ctx.gamma,
+                                         ctx.weight_scales_score, True)
+        ctx.dense = None
+        grad_cls = dense.grad_cls.mul_(grad_neg_sum)
+        grad_score = dense.grad_score.mul_(grad_neg_sum)
+        # The pairs' own gradient, summed per entry, through S = s q.
+        grad_joint = grad_p_cls.new_zeros(entries.shape).index_add_(0, entry_of_pair, grad_p_cls)
+        entry_rows = torch.div(entries, cls_rows.shape[1], rounding_mode="floor")
+        s = dense.entry_cls_prob
+        q = score_rows.view(-1).index_select(0, entry_rows).sigmoid()
+        grad_cls.view(-1).index_add_(0, entries, grad_joint * q * (1 - s) * s)
+        grad_score.view(-1).index_add_(0, entry_rows, grad_joint * s * (1 - q) * q)
+        grad_cls = grad_cls.view(ctx.cls_shape) if ctx.needs_input_grad[0] else None
+        grad_score = grad_score.view(ctx.score_shape) if ctx.needs_input_grad[1] else None
+        return grad_cls, grad_score, None, None, None, None, None, None

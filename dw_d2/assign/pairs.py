@@ -10,6 +10,8 @@ from typing import List, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
+from . import elementwise
+
 
 class BatchGroundTruth(NamedTuple):
     """The GT boxes of a batch, concatenated over images (G = sum of M_i)."""
@@ -76,7 +78,7 @@ def find_candidate_pairs(points: Tensor, gt: BatchGroundTruth,
         inside = ((x[None] > boxes[:, 0:1]) & (y[None] > boxes[:, 1:2])
                   & (x[None] < boxes[:, 2:3]) & (y[None] < boxes[:, 3:4]))
         gt_index, point_index = inside.nonzero(as_tuple=True)
-    return CandidatePairs(gt_index, point_index, gt.image[gt_index])
+    return CandidatePairs(gt_index, point_index, gt.image.index_select(0, gt_index))
 
 
 class _PointGrids(NamedTuple):
@@ -152,15 +154,17 @@ def _pairs_in_grids(grids: _PointGrids, boxes: Tensor):
     rows = (end_row - first_row).clamp(min=0).t().reshape(-1)
     first_column, first_row = first_column.t().reshape(-1), first_row.t().reshape(-1)
     block_size = columns * rows
-    block = torch.repeat_interleave(torch.arange(block_size.shape[0], device=device), block_size)
+    level = torch.arange(num_levels, device=device).repeat(num_boxes)
+    width = grids.width[level]
+    first_point = grids.start[level] + first_row * width + first_column
     block_offset = torch.cumsum(block_size, 0) - block_size
-    cell = torch.arange(block.shape[0], device=device) - block_offset[block]
-    block_columns = columns[block]
-    level = block % num_levels
-    point_index = (grids.start[level]
-                   + (first_row[block] + cell // block_columns) * grids.width[level]
-                   + first_column[block] + cell % block_columns)
-    return block // num_levels, point_index
+    block = torch.repeat_interleave(torch.arange(block_size.shape[0], device=device), block_size)
+    cell = torch.arange(block.shape[0], device=device) - block_offset.index_select(0, block)
+    block_columns = columns.index_select(0, block)
+    row = torch.div(cell, block_columns, rounding_mode="floor")
+    point_index = (first_point.index_select(0, block) + row * width.index_select(0, block)
+                   + cell - row * block_columns)
+    return torch.div(block, num_levels, rounding_mode="floor"), point_index
 
 
 def add_topk_pairs_for_empty_boxes(pairs: CandidatePairs, points: Tensor, strides: Tensor,
@@ -180,36 +184,126 @@ def add_topk_pairs_for_empty_boxes(pairs: CandidatePairs, points: Tensor, stride
         return pairs
     with torch.no_grad():
         classes = gt.classes[empty_boxes]
-        prior = center_prior(points[:, None, :], strides[:, None],
-                             box_centers(gt.boxes[empty_boxes])[None],
-                             prior_mean[classes][None], prior_sigma[classes][None])  # (R, E)
+        prior = center_prior(points.t()[:, :, None], strides[:, None],
+                             box_centers(gt.boxes[empty_boxes].t())[:, None],
+                             prior_mean[classes].t()[:, None], prior_sigma[classes].t()[:, None])
+        # prior: (R, E)
         top_points = prior.topk(min(topk, points.shape[0]), dim=0).indices  # (k, E)
     new_gt = empty_boxes[None].expand_as(top_points).reshape(-1)
     gt_index = torch.cat([pairs.gt, new_gt])
     point_index = torch.cat([pairs.point, top_points.reshape(-1)])
     order = torch.argsort(gt_index * points.shape[0] + point_index)
     gt_index, point_index = gt_index[order], point_index[order]
-    return CandidatePairs(gt_index, point_index, gt.image[gt_index])
+    return CandidatePairs(gt_index, point_index, gt.image.index_select(0, gt_index))
 
 
-def box_centers(boxes: Tensor) -> Tensor:
-    """(..., 4) XYXY -> (..., 2) centres, as the official ``(x1 + x2) / 2``."""
-    return torch.stack(((boxes[..., 0] + boxes[..., 2]) / 2, (boxes[..., 1] + boxes[..., 3]) / 2),
-                       dim=-1)
+class ScoreEntries(NamedTuple):
+    """The distinct (image, point, class) entries of the (N, R, C) score map that the pairs
+    address (E of them; E < P where a point is a candidate of two boxes of one class)."""
+
+    entries: Tensor  # (E,) int64 flat entries, ascending
+    entry_of_pair: Tensor  # (P,) int64 index into ``entries`` of each pair's entry
+    last_pair_of_entry: Tensor  # (E,) int64 the last pair (in pair order) of each entry
+
+
+def distinct_score_entries(pair_entries: Tensor, num_entries: int) -> ScoreEntries:
+    """Group the pairs by score entry.
+
+    Args:
+        pair_entries: (P,) int64 flat (image, point, class) entry of each pair, the pairs in
+            GT order (as :class:`CandidatePairs` are): the last pair of an entry then has the
+            highest GT index.
+        num_entries: N * R * C.
+    """
+    # A stable sort keeps the pairs of an entry in pair order; 32-bit keys sort faster.
+    key = pair_entries.int() if num_entries <= torch.iinfo(torch.int32).max else pair_entries
+    sorted_key, order = torch.sort(key, stable=True)
+    num_pairs = sorted_key.shape[0]
+    is_last = torch.ones(num_pairs, dtype=torch.bool, device=pair_entries.device)
+    torch.ne(sorted_key[1:], sorted_key[:-1], out=is_last[:-1])
+    last = is_last.nonzero(as_tuple=True)[0]
+    entry_of_sorted = torch.cumsum(is_last, 0) - is_last.long()
+    entry_of_pair = torch.empty_like(order).index_copy_(0, order, entry_of_sorted)
+    return ScoreEntries(sorted_key.index_select(0, last).long(), entry_of_pair,
+                        order.index_select(0, last))
+
+
+def box_centers(boxes) -> Tensor:
+    """Coordinate-major boxes (4, ...) XYXY -> (2, ...) centres, as the official
+    ``(x1 + x2) / 2``."""
+    x1, y1, x2, y2 = boxes
+    return torch.stack(((x1 + x2) / 2, (y1 + y2) / 2))
 
 
 def center_prior(points: Tensor, strides: Tensor, centers: Tensor, mean: Optional[Tensor],
                  sigma: Tensor) -> Tensor:
     """Gaussian centre prior ``prod_xy exp(-((p - c) / s - mean)^2 / (2 sigma^2))``.
 
-    All arguments broadcast against each other: points (..., 2), strides (...),
-    centers (..., 2), mean (..., 2) or None for a zero mean, sigma (..., 2) or scalar.
+    Coordinate-major arguments, broadcasting against each other: points (2, ...), strides
+    (...), centers (2, ...), mean (2, ...) or None for a zero mean, sigma (2, ...) or a scalar.
     Returns (...).
     """
-    offset = (points - centers) / strides[..., None]
+    offset = (points - centers) / strides
     if mean is not None:
         offset = offset - mean
-    return torch.exp(-offset ** 2 / (2 * sigma ** 2)).prod(dim=-1)
+    factor_x, factor_y = elementwise.exp(-offset ** 2 / (2 * sigma ** 2))
+    return factor_x * factor_y
+
+
+class PairInputs(NamedTuple):
+    """The predictions and GT boxes at the candidate pairs (P of them), gathered once.
+
+    Coordinates are coordinate-major (one contiguous (P,) row each), see
+    :mod:`dw_d2.assign.box_overlap`.
+    """
+
+    classes: Tensor  # (P,) int64 class of the pair's GT box
+    score_entry: Tensor  # (P,) int64 flat (image, point, class) entry of the (N, R, C) scores
+    points: Tensor  # (2, P) x, y of the pair's point
+    strides: Tensor  # (P,) stride of the point's level
+    distances: Tensor  # (4, P) predicted l, t, r, b (differentiable)
+    boxes: Tensor  # (4, P) the GT box, XYXY
+
+
+def gather_pair_inputs(points: Tensor, strides: Tensor, box_dists: Tensor, num_classes: int,
+                       gt: BatchGroundTruth, pairs: CandidatePairs) -> PairInputs:
+    """Gather what the losses need at the pairs from the dense (R, ...) / (N, R, ...) tensors.
+
+    Args:
+        points: (R, 2); strides: (R,); box_dists: (N, R, 4).
+    """
+    num_points = points.shape[0]
+    classes = gt.classes.index_select(0, pairs.gt)
+    prediction = pairs.image * num_points + pairs.point
+    return PairInputs(
+        classes=classes,
+        score_entry=prediction * num_classes + classes,
+        points=gather_coordinates(points, pairs.point),
+        strides=strides.index_select(0, pairs.point),
+        distances=gather_coordinates(box_dists.reshape(-1, 4), prediction),
+        boxes=gather_coordinates(gt.boxes, pairs.gt),
+    )
+
+
+def gather_coordinates(table: Tensor, index: Tensor) -> Tensor:
+    """``table[index].t()`` as a contiguous, coordinate-major (D, P) tensor, differentiable;
+    the gradient of ``table`` (K, D) comes back contiguous (a transposed view would reach
+    the caller's tensors, and torch.distributed reduces raw storage)."""
+    return _GatherCoordinates.apply(table, index)
+
+
+class _GatherCoordinates(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, table, index):
+        ctx.save_for_backward(index)
+        ctx.table_shape = table.shape
+        return table.t().contiguous().index_select(1, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        index, = ctx.saved_tensors
+        return grad.new_zeros(ctx.table_shape).index_add_(0, index, grad.t()), None
 
 
 def dense_pair_map(values: Tensor, pairs: CandidatePairs, num_points: int, gt: BatchGroundTruth,
