@@ -154,3 +154,30 @@ def test_gather_coordinates_gives_a_contiguous_gradient():
     expected = torch.zeros(5, 4, dtype=torch.float64)
     expected.index_add_(0, index, torch.arange(16.0, dtype=torch.float64).reshape(4, 4).t())
     assert torch.equal(table.grad, expected)
+
+
+def test_aligned_giou_backward_matches_the_op_by_op_graph():
+    from dw_d2.assign.box_overlap import _aligned_overlaps, aligned_iou_and_giou, decode_distances
+    generator = torch.Generator().manual_seed(0)
+    num = 4000
+    x, y = (torch.rand(2, num, dtype=torch.float64, generator=generator) * 100).unbind()
+    gt = torch.stack([x - torch.rand(num, dtype=torch.float64, generator=generator) * 30,
+                      y - torch.rand(num, dtype=torch.float64, generator=generator) * 30,
+                      x + torch.rand(num, dtype=torch.float64, generator=generator) * 30,
+                      y + torch.rand(num, dtype=torch.float64, generator=generator) * 30])
+    distances = torch.rand(4, num, dtype=torch.float64, generator=generator) * 30
+    exact = torch.stack([x - gt[0], y - gt[1], gt[2] - x, gt[3] - y])
+    distances[:, :500] = exact[:, :500]  # min / max ties on every side
+    distances[0, 500:1000] = exact[0, 500:1000]
+    distances[1:4:2, 1000:1500] = 0.0  # zero height: overlap exactly 0
+    distances[:, 1500:1600] = 0.0  # zero area: union and enclose at the eps clamp
+    gt[:, 1500:1600] = torch.stack([x, y, x, y])[:, 1500:1600]
+    upstream = torch.randn(2, num, dtype=torch.float64, generator=generator)
+    results = []
+    for function in (aligned_iou_and_giou, lambda a, b, eps: _aligned_overlaps(a, b, eps, True)):
+        leaf = distances.clone().requires_grad_()
+        iou, giou = function(decode_distances(x, y, leaf), tuple(gt), 1e-6)
+        (iou * upstream[0] + giou * upstream[1]).sum().backward()
+        results.append((iou.detach(), giou.detach(), leaf.grad))
+    for ours, graph in zip(*results):
+        torch.testing.assert_close(ours, graph, rtol=1e-12, atol=1e-15)

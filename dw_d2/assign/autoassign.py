@@ -116,7 +116,8 @@ def autoassign_loss(points, strides, cls_logits, box_dists, obj_logits, gt_boxes
         pos_sum = bce_with_one_target(gt_p_pos).sum()
 
         # Centre: M_i / sum G_i per image with candidates; 0 (still on the graph) otherwise.
-        image_prior_sum = segment_sum(prior, pairs.image, num_images)
+        # Accumulated in float64: an image's ~10^5 pairs would drift by ~1e-5 in float32.
+        image_prior_sum = segment_sum(prior.double(), pairs.image, num_images).to(dtype)
         has_candidates = torch.bincount(pairs.image, minlength=num_images) > 0
         center_terms = torch.where(has_candidates,
                                    gt.counts_tensor.to(dtype) / image_prior_sum.clamp(min=EPS),
@@ -157,67 +158,88 @@ def _best_iou_at_candidates(points, box_dists, pairs, gt, num_points, box_eps):
     every GT box of their image: O(candidate points x M_i) work, no gradient.
     """
     with torch.no_grad():
+        num_images = len(gt.counts)
         point_key = pairs.image * num_points + pairs.point
-        candidate_points, pair_to_point = torch.unique(point_key, return_inverse=True)
-        if candidate_points.numel() == 0:
-            return box_dists.new_zeros(0)
-        # candidate_points is sorted, so each image's points are one slice.
-        points_per_image = torch.bincount(
-            torch.div(candidate_points, num_points, rounding_mode="floor"),
-            minlength=len(gt.counts)).tolist()
-        point = points.index_select(0, candidate_points % num_points)
-        predicted = box_dists.reshape(-1, 4).index_select(0, candidate_points)
-        best = [_max_iou_with_boxes(point_slice, predicted_slice, boxes, box_eps)
-                for point_slice, predicted_slice, boxes in zip(
-                    point.split(points_per_image), predicted.split(points_per_image),
-                    gt.boxes.split(gt.counts))]
-        return torch.cat(best).index_select(0, pair_to_point)
+        # The candidate points, ascending (so each image's are one slice), without a sort.
+        is_candidate = torch.zeros(num_images * num_points, dtype=torch.bool,
+                                   device=points.device)
+        is_candidate.index_fill_(0, point_key, True)
+        candidate_points = is_candidate.nonzero(as_tuple=True)[0]
+        position = torch.empty(num_images * num_points, dtype=torch.long, device=points.device)
+        position.index_copy_(0, candidate_points,
+                             torch.arange(candidate_points.shape[0], device=points.device))
+        points_per_image = is_candidate.view(num_images, num_points).sum(dim=1).tolist()
+        point_of_candidate = candidate_points % num_points
+        # A GT box re-decoded at a point depends only on the point's x (for x1, x2) and its y
+        # (for y1, y2): one value per distinct x or y (a few hundred on a grid), gathered.
+        column_x, column = torch.unique(points[:, 0], return_inverse=True)
+        row_y, row = torch.unique(points[:, 1], return_inverse=True)
+        predicted = decode_distances(
+            *points.index_select(0, point_of_candidate).t(),
+            box_dists.reshape(-1, 4).index_select(0, candidate_points).t())
+        best = [
+            _max_iou_with_boxes(column_x, row_y, columns, rows, prediction, boxes, box_eps)
+            for columns, rows, prediction, boxes in zip(
+                column.index_select(0, point_of_candidate).split(points_per_image),
+                row.index_select(0, point_of_candidate).split(points_per_image),
+                zip(*(c.split(points_per_image) for c in predicted)),
+                gt.boxes.split(gt.counts))]
+        return torch.cat(best).index_select(0, position.index_select(0, point_key))
 
 
 # Point x box entries per block of the CPU max-IoU: its few buffers stay within L2.
-_CPU_BLOCK_ENTRIES = 1 << 16
+_CPU_BLOCK_ENTRIES = 1 << 17
 
 
-def _max_iou_with_boxes(points, distances, boxes, eps):
-    """max_m IoU(prediction at points[u], boxes[m] re-decoded at points[u]) -> (U,), each value
-    as :func:`aligned_iou_and_giou` computes it.
+def _max_iou_with_boxes(column_x, row_y, columns, rows, predicted, boxes, eps):
+    """max_m IoU(predicted[u], boxes[m] re-decoded at point u) -> (U,), each value as
+    :func:`aligned_iou_and_giou` computes it.
 
-    The (U, M) products are evaluated a block of points at a time (all at once on CUDA), one
-    coordinate at a time and in place, so that they stay in the cache.
+    The (U, M) products are evaluated a block of points at a time (all at once on CUDA), in
+    place, so that they stay in the cache.
 
     Args:
-        points: (U, 2); distances: (U, 4) predicted l, t, r, b; boxes: (M, 4) XYXY.
+        column_x: (X,) distinct point x; row_y: (Y,) distinct point y.
+        columns, rows: (U,) the point's index into column_x and row_y.
+        predicted: 4 (U,) tensors, the predicted boxes XYXY.
+        boxes: (M, 4) the image's GT boxes, XYXY.
     """
-    num_points, num_boxes = points.shape[0], boxes.shape[0]
+    num_points, num_boxes = columns.shape[0], boxes.shape[0]
     if num_points == 0 or num_boxes == 0:
-        return points.new_zeros(num_points)
-    x, y = points.t().contiguous()[:, :, None]
-    pred_x1, pred_y1, pred_x2, pred_y2 = decode_distances(x, y, distances.t()[:, :, None])
+        return column_x.new_zeros(num_points)
+    pred_x1, pred_y1, pred_x2, pred_y2 = (c[:, None] for c in predicted)
     pred_area = (pred_x2 - pred_x1) * (pred_y2 - pred_y1)
-    box_x1, box_y1, box_x2, box_y2 = boxes.t().contiguous()[:, None, :]
-    if points.device.type == "cpu":
-        rows_per_block = max(1, _CPU_BLOCK_ENTRIES // num_boxes)
+    box_x1, box_y1, box_x2, box_y2 = boxes.t()
+    # (X, M) and (Y, M): the GT boxes as the head sees them (encoded as distances, decoded).
+    x, y = column_x[:, None], row_y[:, None]
+    column_x1, column_x2 = x - (x - box_x1), x + (box_x2 - x)
+    row_y1, row_y2 = y - (y - box_y1), y + (box_y2 - y)
+    column_w, row_h = column_x2 - column_x1, row_y2 - row_y1
+
+    if columns.device.type == "cpu":
+        points_per_block = max(1, _CPU_BLOCK_ENTRIES // num_boxes)
     else:
-        rows_per_block = num_points
-    best = points.new_empty(num_points)
-    buffers = [points.new_empty(min(rows_per_block, num_points), num_boxes) for _ in range(6)]
-    for start in range(0, num_points, rows_per_block):
-        rows = slice(start, start + rows_per_block)
-        size = x[rows].shape[0]
-        x1, y1, x2, y2, overlap, scratch = (b[:size] for b in buffers)
-        # The GT box as the head sees it at each point (encoded as distances, decoded).
-        torch.sub(x[rows], torch.sub(x[rows], box_x1, out=scratch), out=x1)
-        torch.sub(y[rows], torch.sub(y[rows], box_y1, out=scratch), out=y1)
-        torch.add(x[rows], torch.sub(box_x2, x[rows], out=scratch), out=x2)
-        torch.add(y[rows], torch.sub(box_y2, y[rows], out=scratch), out=y2)
-        box_area = torch.sub(x2, x1, out=scratch).mul_(torch.sub(y2, y1, out=overlap))
-        overlap_w = torch.minimum(pred_x2[rows], x2, out=x2).sub_(
-            torch.maximum(pred_x1[rows], x1, out=x1)).clamp_(min=0)
-        overlap_h = torch.minimum(pred_y2[rows], y2, out=y2).sub_(
-            torch.maximum(pred_y1[rows], y1, out=y1)).clamp_(min=0)
-        overlap = torch.mul(overlap_w, overlap_h, out=overlap)
-        union = box_area.add_(pred_area[rows]).sub_(overlap).clamp_(min=eps)
-        torch.amax(overlap.div_(union), dim=1, out=best[rows])
+        points_per_block = num_points
+    best = column_x.new_empty(num_points)
+    buffers = [column_x.new_empty(min(points_per_block, num_points), num_boxes)
+               for _ in range(5)]
+    for start in range(0, num_points, points_per_block):
+        block = slice(start, start + points_per_block)
+        block_columns, block_rows = columns[block], rows[block]
+        x1, x2, y1, y2, area = (b[:block_columns.shape[0]] for b in buffers)
+        torch.index_select(column_x1, 0, block_columns, out=x1)
+        torch.index_select(column_x2, 0, block_columns, out=x2)
+        torch.index_select(row_y1, 0, block_rows, out=y1)
+        torch.index_select(row_y2, 0, block_rows, out=y2)
+        overlap_w = torch.minimum(pred_x2[block], x2, out=x2).sub_(
+            torch.maximum(pred_x1[block], x1, out=x1)).clamp_(min=0)
+        overlap_h = torch.minimum(pred_y2[block], y2, out=y2).sub_(
+            torch.maximum(pred_y1[block], y1, out=y1)).clamp_(min=0)
+        overlap = overlap_w.mul_(overlap_h)
+        torch.index_select(column_w, 0, block_columns, out=area)
+        area.mul_(torch.index_select(row_h, 0, block_rows, out=y1))
+        union = area.add_(pred_area[block]).sub_(overlap).clamp_(min=eps)
+        torch.amax(overlap.div_(union), dim=1, out=best[block])
     return best
 
 
