@@ -71,7 +71,7 @@ def _bce_with_zero_target(x: Tensor, one_minus_x: Tensor, out: Tensor, scratch: 
     u_minus_one = torch.sub(one_minus_x, 1, out=scratch)
     bce = torch.log(one_minus_x, out=out).mul_(x).div_(u_minus_one)
     bce.nan_to_num_(nan=0.0, posinf=float("inf"))
-    return torch.maximum(bce, x, out=bce).clamp_(max=-_LOG_CLAMP)
+    return torch.clamp(bce, min=x, max=x.new_tensor(-_LOG_CLAMP), out=bce)
 
 
 def _small_term_and_grad(x: Tensor, gamma: float, with_grad: bool):
@@ -134,6 +134,7 @@ def _dense_negative_term(cls_rows: Tensor, score_rows: Tensor, neg_entries: Tens
     grad_score = torch.empty_like(score_rows) if with_grad else None
     entry_cls_prob = cls_rows.new_empty(neg_entries.shape)
     entry_joint = cls_rows.new_empty(neg_entries.shape)
+    one = cls_rows.new_ones(())
     partial_sums = []
     for block, start in enumerate(starts):
         rows = slice(start, start + rows_per_block)
@@ -142,7 +143,7 @@ def _dense_negative_term(cls_rows: Tensor, score_rows: Tensor, neg_entries: Tens
             b[:size] for b in (s_buf, joint_buf, one_minus_buf, bce_buf, power_buf, term_buf))
         q = torch.sigmoid(score_rows[rows])
         torch.mul(torch.sigmoid(cls_rows[rows], out=s), q, out=joint)
-        torch.neg(joint, out=one_minus).add_(1)  # 1 - S, rounded alike
+        torch.sub(one, joint, out=one_minus)
         _bce_with_zero_target(joint, one_minus, bce, power)
         # x * x is what torch's pow computes for gamma 2.
         torch.mul(joint, joint, out=power) if gamma == 2.0 else torch.pow(joint, gamma, out=power)
@@ -170,12 +171,12 @@ def _dense_negative_term(cls_rows: Tensor, score_rows: Tensor, neg_entries: Tens
             neg_grad = weights * grad.index_select(0, local)
         grad.index_copy_(0, local, neg_grad)
         grad = grad.view_as(s)
-        # d/d score: sum_c grad * s, times sigmoid' = (1 - q) q.
-        torch.sum(torch.mul(grad, s, out=bce), dim=1, keepdim=True, out=grad_score[rows])
-        grad_score[rows].mul_(1 - q).mul_(q)
-        # d/d cls: grad * q * (1 - s) * s.
-        torch.mul(grad, q, out=grad_cls[rows]).mul_(
-            torch.neg(s, out=one_minus).add_(1)).mul_(s)
+        # S = s q: d/d score = sum_c grad * s through sigmoid' (torch's own kernel, fused);
+        # d/d cls = grad * q through sigmoid'.
+        score_grad = torch.sum(torch.mul(grad, s, out=bce), dim=1, keepdim=True)
+        torch.ops.aten.sigmoid_backward.grad_input(score_grad, q, grad_input=grad_score[rows])
+        torch.ops.aten.sigmoid_backward.grad_input(torch.mul(grad, q, out=one_minus), s,
+                                                   grad_input=grad_cls[rows])
     return _DenseResult(torch.stack(partial_sums).sum(), entry_cls_prob, entry_joint, grad_cls,
                         grad_score)
 
@@ -215,8 +216,9 @@ class _JointScoreTerms(torch.autograd.Function):
         entry_rows = torch.div(entries, cls_rows.shape[1], rounding_mode="floor")
         s = dense.entry_cls_prob
         q = score_rows.view(-1).index_select(0, entry_rows).sigmoid()
-        grad_cls.view(-1).index_add_(0, entries, grad_joint * q * (1 - s) * s)
-        grad_score.view(-1).index_add_(0, entry_rows, grad_joint * s * (1 - q) * q)
+        sigmoid_backward = torch.ops.aten.sigmoid_backward
+        grad_cls.view(-1).index_add_(0, entries, sigmoid_backward(grad_joint * q, s))
+        grad_score.view(-1).index_add_(0, entry_rows, sigmoid_backward(grad_joint * s, q))
         grad_cls = grad_cls.view(ctx.cls_shape) if ctx.needs_input_grad[0] else None
         grad_score = grad_score.view(ctx.score_shape) if ctx.needs_input_grad[1] else None
         return grad_cls, grad_score, None, None, None, None, None, None

@@ -88,6 +88,7 @@ class _PointGrids(NamedTuple):
     width: Tensor  # (L,) int64 columns per level
     column_x: Tensor  # (L, W_max) x of each column, ascending, padded with +inf
     row_y: Tensor  # (L, H_max) y of each row, ascending, padded with +inf
+    num_points: int  # R
 
 
 def _point_grids(points: Tensor, strides: Tensor) -> Optional[_PointGrids]:
@@ -130,7 +131,7 @@ def _point_grids(points: Tensor, strides: Tensor) -> Optional[_PointGrids]:
     column_x[level_of_point[first_row], column[first_row]] = x[first_row]
     first_column = column == 0
     row_y[level_of_point[first_column], row[first_column]] = y[first_column]
-    return _PointGrids(start, width, column_x, row_y)
+    return _PointGrids(start, width, column_x, row_y, num_points)
 
 
 def _pairs_in_grids(grids: _PointGrids, boxes: Tensor):
@@ -153,18 +154,25 @@ def _pairs_in_grids(grids: _PointGrids, boxes: Tensor):
     columns = (end_column - first_column).clamp(min=0).t().reshape(-1)
     rows = (end_row - first_row).clamp(min=0).t().reshape(-1)
     first_column, first_row = first_column.t().reshape(-1), first_row.t().reshape(-1)
-    block_size = columns * rows
+    # Enumerate rows of blocks, then cells of rows: no per-pair division or multiplication.
+    # 32-bit indices (when they fit) keep the per-pair passes vectorised.
+    index_dtype = torch.int32 if grids.num_points < torch.iinfo(torch.int32).max else torch.long
     level = torch.arange(num_levels, device=device).repeat(num_boxes)
     width = grids.width[level]
     first_point = grids.start[level] + first_row * width + first_column
-    block_offset = torch.cumsum(block_size, 0) - block_size
-    block = torch.repeat_interleave(torch.arange(block_size.shape[0], device=device), block_size)
-    cell = torch.arange(block.shape[0], device=device) - block_offset.index_select(0, block)
-    block_columns = columns.index_select(0, block)
-    row = torch.div(cell, block_columns, rounding_mode="floor")
-    point_index = (first_point.index_select(0, block) + row * width.index_select(0, block)
-                   + cell - row * block_columns)
-    return torch.div(block, num_levels, rounding_mode="floor"), point_index
+    row_block = torch.repeat_interleave(torch.arange(rows.shape[0], device=device), rows)
+    row_in_block = (torch.arange(row_block.shape[0], device=device)
+                    - (torch.cumsum(rows, 0) - rows)[row_block])
+    row_start = (first_point[row_block] + row_in_block * width[row_block]).to(index_dtype)
+    row_length = columns[row_block]
+    row_gt = torch.div(row_block, num_levels, rounding_mode="floor").to(index_dtype)
+    row_first_cell = (torch.cumsum(row_length, 0) - row_length).to(index_dtype)
+    cell_row = torch.repeat_interleave(
+        torch.arange(row_length.shape[0], dtype=index_dtype, device=device), row_length)
+    point_index = torch.arange(cell_row.shape[0], dtype=index_dtype, device=device)
+    point_index.sub_(row_first_cell.index_select(0, cell_row)).add_(
+        row_start.index_select(0, cell_row))
+    return row_gt.index_select(0, cell_row).long(), point_index.long()
 
 
 def add_topk_pairs_for_empty_boxes(pairs: CandidatePairs, points: Tensor, strides: Tensor,
@@ -218,14 +226,11 @@ def distinct_score_entries(pair_entries: Tensor, num_entries: int) -> ScoreEntri
     # A stable sort keeps the pairs of an entry in pair order; 32-bit keys sort faster.
     key = pair_entries.int() if num_entries <= torch.iinfo(torch.int32).max else pair_entries
     sorted_key, order = torch.sort(key, stable=True)
-    num_pairs = sorted_key.shape[0]
-    is_last = torch.ones(num_pairs, dtype=torch.bool, device=pair_entries.device)
-    torch.ne(sorted_key[1:], sorted_key[:-1], out=is_last[:-1])
-    last = is_last.nonzero(as_tuple=True)[0]
-    entry_of_sorted = torch.cumsum(is_last, 0) - is_last.long()
+    entries, entry_of_sorted, pairs_per_entry = torch.unique_consecutive(
+        sorted_key, return_inverse=True, return_counts=True)
+    last = torch.cumsum(pairs_per_entry, 0) - 1
     entry_of_pair = torch.empty_like(order).index_copy_(0, order, entry_of_sorted)
-    return ScoreEntries(sorted_key.index_select(0, last).long(), entry_of_pair,
-                        order.index_select(0, last))
+    return ScoreEntries(entries.long(), entry_of_pair, order.index_select(0, last))
 
 
 def box_centers(boxes) -> Tensor:
@@ -303,7 +308,9 @@ class _GatherCoordinates(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         index, = ctx.saved_tensors
-        return grad.new_zeros(ctx.table_shape).index_add_(0, index, grad.t()), None
+        rows, columns = ctx.table_shape
+        table_grad = grad.new_zeros(columns, rows).index_add_(1, index, grad)
+        return table_grad.t().contiguous(), None
 
 
 def dense_pair_map(values: Tensor, pairs: CandidatePairs, num_points: int, gt: BatchGroundTruth,
