@@ -50,3 +50,20 @@ def test_points_that_are_not_a_grid_use_the_dense_test():
     points, strides = grid_points(0.5, torch.float64)
     order = torch.randperm(len(points), generator=torch.Generator().manual_seed(0))
     assert _point_grids(points[order], strides) is None
+
+
+def test_pair_counts_per_gt_and_per_image_match_the_pairs():
+    from dw_d2.assign.pairs import add_topk_pairs_for_empty_boxes
+    points, strides = grid_points(0.5, torch.float32)
+    boxes = torch.tensor([[10.0, 12.0, 90.0, 70.0], [0.0, 0.0, 5.0, 5.0], [40.0, 30.0, 41.0, 31.0],
+                          [20.0, 5.0, 120.0, 100.0]])
+    gt = concat_ground_truth([boxes[:2], boxes[2:]], [torch.tensor([0, 1]), torch.tensor([1, 0])],
+                             torch.float32, "cpu")
+    for pairs in (find_candidate_pairs(points, gt, strides), find_candidate_pairs(points, gt)):
+        assert torch.equal(pairs.per_gt, torch.bincount(pairs.gt, minlength=gt.num_boxes))
+        assert torch.equal(pairs.per_image, torch.bincount(pairs.image, minlength=2))
+        forced = add_topk_pairs_for_empty_boxes(pairs, points, strides, gt, torch.zeros(2, 2),
+                                                torch.ones(2, 2), topk=3)
+        assert torch.equal(forced.per_gt, torch.bincount(forced.gt, minlength=gt.num_boxes))
+        assert torch.equal(forced.per_image, torch.bincount(forced.image, minlength=2))
+        assert (forced.per_gt > 0).all()

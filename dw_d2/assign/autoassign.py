@@ -107,9 +107,9 @@ def autoassign_loss(points, strides, cls_logits, box_dists, obj_logits, gt_boxes
         # Positive: per GT, a confidence- and prior-weighted mean of p_pos (w+ keeps its graph).
         p_pos = p_cls * p_loc
         weighted_prior = torch.exp(p_pos * confidence_temperature) * prior
-        weight_sum = segment_sum(weighted_prior, pairs.gt, gt.num_boxes).clamp(min=EPS)
+        weight_sum = segment_sum(weighted_prior, pairs.per_gt).clamp(min=EPS)
         pos_weight = weighted_prior / weight_sum.index_select(0, pairs.gt)
-        gt_p_pos = segment_sum(p_pos * pos_weight, pairs.gt, gt.num_boxes)
+        gt_p_pos = segment_sum(p_pos * pos_weight, pairs.per_gt)
         # sum w+ can round to 1 + ulp where p_pos == 1 (saturated scores, exact boxes); the
         # official code would then fail BCE's [0, 1] input check.
         gt_p_pos = gt_p_pos.clamp(max=1)
@@ -117,7 +117,7 @@ def autoassign_loss(points, strides, cls_logits, box_dists, obj_logits, gt_boxes
 
         # Centre: M_i / sum G_i per image with candidates; 0 (still on the graph) otherwise.
         # Accumulated in float64: an image's ~10^5 pairs would drift by ~1e-5 in float32.
-        image_prior_sum = segment_sum(prior.double(), pairs.image, num_images).to(dtype)
+        image_prior_sum = segment_sum(prior.double(), pairs.per_image).to(dtype)
         has_candidates = torch.bincount(pairs.image, minlength=num_images) > 0
         center_terms = torch.where(has_candidates,
                                    gt.counts_tensor.to(dtype) / image_prior_sum.clamp(min=EPS),

@@ -66,11 +66,13 @@ def _aligned_overlaps(boxes1, boxes2, eps, with_giou):
     return iou, iou - (enclose - union) / enclose
 
 
-# Both masks below are built from ``sign``: torch's comparison and ``heaviside`` kernels with
+# The gradient masks are built from ``sign``: torch's comparison and ``heaviside`` kernels with
 # boolean or mixed outputs are not vectorised on the CPU (~30x slower per pair).
-def _share_of_max(a: Tensor, b: Tensor) -> Tensor:
-    """The part of ``max(a, b)``'s gradient that goes to ``a``: 1, 1/2 on ties, else 0."""
-    return torch.sub(a, b).sign_().mul_(0.5).add_(0.5)
+def _max_shares(a: Tensor, b: Tensor, half: Tensor) -> Tuple[Tensor, Tensor]:
+    """The parts of the gradients of ``max(a, b)`` and of ``min(a, b)`` that go to ``a``:
+    1, 1/2 on ties (as torch splits them), else 0; and 0, 1/2, 1 for the minimum."""
+    direction = torch.sub(a, b).sign_()
+    return torch.add(half, direction, alpha=0.5), torch.add(half, direction, alpha=-0.5)
 
 
 def _passes_clamp(raw: Tensor) -> Tensor:
@@ -105,6 +107,7 @@ class _AlignedIoUAndGIoU(torch.autograd.Function):
                               union_raw, union, iou, enclose_w_raw, enclose_h_raw, enclose_w,
                               enclose_h, enclose_raw, enclose, gap)
         ctx.eps = eps
+        ctx.set_materialize_grads(False)
         return iou, iou - gap
 
     @staticmethod
@@ -112,16 +115,18 @@ class _AlignedIoUAndGIoU(torch.autograd.Function):
         (x1, y1, x2, y2, gt_x1, gt_y1, gt_x2, gt_y2, width, height, overlap_w_raw,
          overlap_h_raw, overlap_w, overlap_h, overlap, union_raw, union, iou, enclose_w_raw,
          enclose_h_raw, enclose_w, enclose_h, enclose_raw, enclose, gap) = ctx.saved_tensors
-        eps = ctx.eps
-        # giou = iou - gap, gap = (enclose - union) / enclose.
-        grad_iou = grad_giou + grad_iou
+        half = x1.new_tensor(0.5)
+        # giou = iou - gap, gap = (enclose - union) / enclose; grad_iou is None when the IoU
+        # itself is not used (DW detaches it).
+        grad_iou = grad_giou if grad_iou is None else grad_giou + grad_iou
         grad_difference = -grad_giou / enclose
         grad_enclose = grad_giou * (gap / enclose) + grad_difference
         grad_union = -grad_difference - grad_iou * (iou / union)
         grad_overlap = grad_iou / union
         # max(raw, eps): the whole gradient above eps, half at eps.
-        grad_union_raw = grad_union * _share_of_max(union_raw, union_raw.new_tensor(eps))
-        grad_enclose_raw = grad_enclose * _share_of_max(enclose_raw, enclose_raw.new_tensor(eps))
+        eps = x1.new_tensor(ctx.eps)
+        grad_union_raw = grad_union * _max_shares(union_raw, eps, half)[0]
+        grad_enclose_raw = grad_enclose * _max_shares(enclose_raw, eps, half)[0]
         grad_overlap = grad_overlap - grad_union_raw
         grad_overlap_w = grad_overlap * overlap_h * _passes_clamp(overlap_w_raw)
         grad_overlap_h = grad_overlap * overlap_w * _passes_clamp(overlap_h_raw)
@@ -134,12 +139,12 @@ class _AlignedIoUAndGIoU(torch.autograd.Function):
         for low, high, gt_low, gt_high, grad_overlap_side, grad_enclose_side, grad_side in (
                 (x1, x2, gt_x1, gt_x2, grad_overlap_w, grad_enclose_w, grad_width),
                 (y1, y2, gt_y1, gt_y2, grad_overlap_h, grad_enclose_h, grad_height)):
-            low_share = _share_of_max(low, gt_low)  # of max(low, gt_low); min takes 1 - it
-            high_share = _share_of_max(high, gt_high)
-            grad_low = (-grad_overlap_side * low_share
-                        - grad_enclose_side * _share_of_max(gt_low, low) - grad_side)
-            grad_high = (grad_overlap_side * _share_of_max(gt_high, high)
-                         + grad_enclose_side * high_share + grad_side)
+            low_of_max, low_of_min = _max_shares(low, gt_low, half)
+            high_of_max, high_of_min = _max_shares(high, gt_high, half)
+            grad_low = (-grad_overlap_side * low_of_max - grad_enclose_side * low_of_min
+                        - grad_side)
+            grad_high = grad_overlap_side * high_of_min + grad_enclose_side * high_of_max \
+                + grad_side
             grads.append((grad_low, grad_high))
         (grad_x1, grad_x2), (grad_y1, grad_y2) = grads
         return grad_x1, grad_y1, grad_x2, grad_y2, None, None, None, None, None

@@ -61,9 +61,12 @@ def mean_over_workers(value: Tensor) -> Tensor:
     return value
 
 
-def segment_sum(values: Tensor, segment_ids: Tensor, num_segments: int) -> Tensor:
-    """Differentiable per-segment sum: (P,) values, (P,) ids in [0, S) -> (S,), 0 if empty."""
-    return values.new_zeros(num_segments).index_add(0, segment_ids, values)
+def segment_sum(values: Tensor, lengths: Tensor) -> Tensor:
+    """Differentiable sums of consecutive segments: (P,) values, (S,) int64 lengths summing to
+    P -> (S,), 0 for empty segments."""
+    if lengths.numel() == 0:
+        return values.new_zeros(0)
+    return torch.segment_reduce(values, "sum", lengths=lengths)
 
 
 def segment_min(values: Tensor, segment_ids: Tensor, num_segments: int) -> Tensor:

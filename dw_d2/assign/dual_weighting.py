@@ -108,8 +108,8 @@ def dual_weighting_loss(points, strides, cls_logits, box_dists, ctr_logits, gt_b
         with torch.no_grad():
             p_pos = p_cls * p_loc
             numerator = torch.exp(pos_num_exp * p_pos) * p_pos * prior
-            denominator = segment_sum(torch.exp(pos_den_exp * p_pos) * p_pos * prior, pairs.gt,
-                                      gt.num_boxes).clamp(min=EPS)
+            denominator = segment_sum(torch.exp(pos_den_exp * p_pos) * p_pos * prior,
+                                      pairs.per_gt).clamp(min=EPS)
             pos_weight = numerator / denominator.index_select(0, pairs.gt)
 
         cls_pos_sum = (bce_with_one_target(p_cls) * pos_weight).sum()
@@ -151,6 +151,9 @@ def _negative_weight_values(iou, pairs, entries, num_boxes, neg_iou_thresh, dupl
         low = segment_min(value, pairs.gt, num_boxes).index_select(0, pairs.gt)
         high = segment_max(value, pairs.gt, num_boxes).clamp(max=1).index_select(0, pairs.gt)
         value = (value - low + EPS) / (high - low + EPS)
-        value = torch.where(iou < neg_iou_thresh, torch.ones_like(value), value)
+        # torch.where(iou < thr, 1, value) as arithmetic: the CPU's boolean kernels are not
+        # vectorised. keep is exactly 1 or 0 and value is finite, so the blend is exact.
+        keep = torch.sub(iou, neg_iou_thresh).sign_().add_(1).clamp_(max=1)
+        value = value.mul_(keep).add_(1 - keep)
         return resolve_pair_values(value, entries.entry_of_pair, entries.last_pair_of_entry,
                                    duplicate_rule)

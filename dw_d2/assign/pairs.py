@@ -33,6 +33,8 @@ class CandidatePairs(NamedTuple):
     gt: Tensor  # (P,) int64 index into BatchGroundTruth
     point: Tensor  # (P,) int64 index in [0, R)
     image: Tensor  # (P,) int64
+    per_gt: Tensor  # (G,) int64 number of pairs of each GT box (consecutive)
+    per_image: Tensor  # (N,) int64 number of pairs of each image (consecutive)
 
     @property
     def num_pairs(self) -> int:
@@ -71,14 +73,23 @@ def find_candidate_pairs(points: Tensor, gt: BatchGroundTruth,
     """
     grids = _point_grids(points, strides) if strides is not None else None
     if grids is not None and gt.num_boxes and bool(torch.isfinite(gt.boxes).all()):
-        gt_index, point_index = _pairs_in_grids(grids, gt.boxes)
+        gt_index, point_index, per_gt = _pairs_in_grids(grids, gt.boxes)
     else:
         x, y = points[:, 0], points[:, 1]
         boxes = gt.boxes
         inside = ((x[None] > boxes[:, 0:1]) & (y[None] > boxes[:, 1:2])
                   & (x[None] < boxes[:, 2:3]) & (y[None] < boxes[:, 3:4]))
         gt_index, point_index = inside.nonzero(as_tuple=True)
-    return CandidatePairs(gt_index, point_index, gt.image.index_select(0, gt_index))
+        per_gt = inside.sum(dim=1)
+    return _candidate_pairs(gt_index, point_index, per_gt, gt)
+
+
+def _candidate_pairs(gt_index: Tensor, point_index: Tensor, per_gt: Tensor,
+                     gt: BatchGroundTruth) -> CandidatePairs:
+    per_image = torch.zeros(len(gt.counts), dtype=torch.long, device=per_gt.device)
+    per_image.index_add_(0, gt.image, per_gt)
+    return CandidatePairs(gt_index, point_index, gt.image.index_select(0, gt_index), per_gt,
+                          per_image)
 
 
 class _PointGrids(NamedTuple):
@@ -135,7 +146,8 @@ def _point_grids(points: Tensor, strides: Tensor) -> Optional[_PointGrids]:
 
 
 def _pairs_in_grids(grids: _PointGrids, boxes: Tensor):
-    """(gt_index, point_index) of the points strictly inside each box (G, 4), GT-major.
+    """(gt_index, point_index, pairs per box) of the points strictly inside each box (G, 4),
+    GT-major.
 
     Per (box, level), the columns with ``x1 < x < x2`` are ``[first x > x1, first x >= x2)`` of
     the ascending column coordinates (binary search), likewise the rows; the pairs of all
@@ -172,7 +184,8 @@ def _pairs_in_grids(grids: _PointGrids, boxes: Tensor):
     point_index = torch.arange(cell_row.shape[0], dtype=index_dtype, device=device)
     point_index.sub_(row_first_cell.index_select(0, cell_row)).add_(
         row_start.index_select(0, cell_row))
-    return row_gt.index_select(0, cell_row).long(), point_index.long()
+    per_gt = (columns * rows).view(num_boxes, num_levels).sum(dim=1)
+    return row_gt.index_select(0, cell_row).long(), point_index.long(), per_gt
 
 
 def add_topk_pairs_for_empty_boxes(pairs: CandidatePairs, points: Tensor, strides: Tensor,
@@ -202,7 +215,9 @@ def add_topk_pairs_for_empty_boxes(pairs: CandidatePairs, points: Tensor, stride
     point_index = torch.cat([pairs.point, top_points.reshape(-1)])
     order = torch.argsort(gt_index * points.shape[0] + point_index)
     gt_index, point_index = gt_index[order], point_index[order]
-    return CandidatePairs(gt_index, point_index, gt.image.index_select(0, gt_index))
+    per_gt = pairs.per_gt.clone()
+    per_gt[empty_boxes] = top_points.shape[0]
+    return _candidate_pairs(gt_index, point_index, per_gt, gt)
 
 
 class ScoreEntries(NamedTuple):
