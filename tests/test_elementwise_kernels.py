@@ -181,3 +181,17 @@ def test_aligned_giou_backward_matches_the_op_by_op_graph():
         results.append((iou.detach(), giou.detach(), leaf.grad))
     for ours, graph in zip(*results):
         torch.testing.assert_close(ours, graph, rtol=1e-12, atol=1e-15)
+
+
+def test_expand_to_pairs_gradient_is_the_per_gt_segment_sum():
+    from dw_d2.assign.pairs import CandidatePairs, expand_to_pairs
+    per_gt = torch.arange(8.0, dtype=torch.float64).reshape(2, 4).requires_grad_()
+    gt_index = torch.tensor([0, 0, 2, 2, 2, 3])
+    pairs = CandidatePairs(gt_index, torch.arange(6), torch.zeros(6, dtype=torch.long),
+                           torch.tensor([2, 0, 3, 1]), torch.tensor([6]))
+    expanded = expand_to_pairs(per_gt, pairs)
+    assert torch.equal(expanded, per_gt.detach()[:, gt_index])
+    upstream = torch.arange(12.0, dtype=torch.float64).reshape(2, 6)
+    expanded.backward(upstream)
+    expected = torch.zeros(2, 4, dtype=torch.float64).index_add_(1, gt_index, upstream)
+    assert torch.equal(per_gt.grad, expected)

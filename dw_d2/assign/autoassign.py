@@ -17,8 +17,8 @@ from .common import (EPS, autocast_disabled, check_class_range, check_dense_inpu
 from .elementwise import bce_with_one_target
 from .negative_term import joint_score_terms
 from .pairs import (add_topk_pairs_for_empty_boxes, box_centers, center_prior, concat_ground_truth,
-                    distinct_score_entries, find_candidate_pairs, gather_coordinates,
-                    gather_pair_inputs, per_image_weight_maps)
+                    distinct_score_entries, expand_to_pairs, find_candidate_pairs,
+                    gather_coordinates, gather_pair_inputs, per_image_weight_maps)
 
 __all__ = ["autoassign_loss"]
 
@@ -100,9 +100,9 @@ def autoassign_loss(points, strides, cls_logits, box_dists, obj_logits, gt_boxes
             target = redecode_boxes(x, y, pair.boxes)
         _, giou = aligned_iou_and_giou(predicted, target, box_eps)
         p_loc = torch.exp(-(giou_weight * (1 - giou)))
+        gt_mean, gt_sigma = (gather_coordinates(p, gt.classes) for p in (prior_mean, prior_sigma))
         prior = center_prior(pair.points, pair.strides, box_centers(pair.boxes),
-                             gather_coordinates(prior_mean, pair.classes),
-                             gather_coordinates(prior_sigma, pair.classes))
+                             expand_to_pairs(gt_mean, pairs), expand_to_pairs(gt_sigma, pairs))
 
         # Positive: per GT, a confidence- and prior-weighted mean of p_pos (w+ keeps its graph).
         p_pos = p_cls * p_loc

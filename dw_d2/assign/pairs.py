@@ -305,6 +305,31 @@ def gather_pair_inputs(points: Tensor, strides: Tensor, box_dists: Tensor, num_c
     )
 
 
+def expand_to_pairs(per_gt: Tensor, pairs: CandidatePairs) -> Tensor:
+    """Per-GT values (D, G) at the pairs, (D, P), differentiable.
+
+    The pairs of a GT box are consecutive, so the backward pass sums segments instead of
+    scattering P gradients into G (or C) bins, which contend on the CPU.
+    """
+    return _ExpandToPairs.apply(per_gt, pairs.gt, pairs.per_gt)
+
+
+class _ExpandToPairs(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, per_gt, gt_index, pairs_per_gt):
+        ctx.save_for_backward(pairs_per_gt)
+        return per_gt.index_select(1, gt_index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pairs_per_gt, = ctx.saved_tensors
+        if pairs_per_gt.numel() == 0:
+            return grad.new_zeros(grad.shape[0], 0), None, None
+        return torch.stack([torch.segment_reduce(row, "sum", lengths=pairs_per_gt)
+                            for row in grad]), None, None
+
+
 def gather_coordinates(table: Tensor, index: Tensor) -> Tensor:
     """``table[index].t()`` as a contiguous, coordinate-major (D, P) tensor, differentiable;
     the gradient of ``table`` (K, D) comes back contiguous (a transposed view would reach
