@@ -61,8 +61,8 @@ def _bce_with_zero_target(x: Tensor, one_minus_x: Tensor, out: Tensor, scratch: 
     ``log(1 - x)`` loses all relative precision for small x, where the scores mostly are.
     Goldberg's identity ``log1p(z) = z log(u) / (u - 1)`` with ``u = 1 + z`` cancels the
     rounding of u. Where u rounds to 1 it gives 0 / 0, and there ``-log1p(-x) = x`` to within
-    an ulp; as ``-log1p(-x) >= x`` everywhere, ``max(result with NaN -> 0, x)`` takes care of
-    it without a mask.
+    an ulp; as ``-log1p(-x) >= x`` everywhere, clamping the result (NaN set to 0) from below
+    at x takes care of it without a mask.
 
     Args:
         x: the probabilities; one_minus_x: ``1 - x``, kept.
