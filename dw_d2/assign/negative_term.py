@@ -98,10 +98,38 @@ def _focal_grad(x: Tensor, one_minus_x: Tensor, bce: Tensor, power: Tensor, gamm
     return grad.add_(bce.mul_(torch.pow(x, gamma - 1, out=denominator)).mul_(gamma))
 
 
+class _EntryValues(NamedTuple):
+    """The scores and the weighted negative term at the (E,) sorted entries."""
+
+    rows: Tensor  # (E,) int64 row of the (N * R, C) map
+    cls_prob: Tensor  # (E,) s = sigmoid(cls)
+    score_prob: Tensor  # (E,) q = sigmoid(score)
+    joint: Tensor  # (E,) S = s q
+    term: Tensor  # (E,) the weighted term: w h(S) (DW) or h(w S) (AutoAssign)
+    grad: Optional[Tensor]  # (E,) its derivative w.r.t. S
+
+
+def _entry_values(cls_rows: Tensor, score_rows: Tensor, entries: Tensor, weights: Tensor,
+                  gamma: float, weight_scales_score: bool, with_grad: bool) -> _EntryValues:
+    """The weighted term at the entries, all at once (the block sweep then writes them in)."""
+    rows = torch.div(entries, cls_rows.shape[1], rounding_mode="floor")
+    cls_prob = cls_rows.view(-1).index_select(0, entries).sigmoid()
+    score_prob = score_rows.view(-1).index_select(0, rows).sigmoid()
+    joint = cls_prob * score_prob
+    if weight_scales_score:
+        # h(w S), and d/dS h(w S) = h'(w S) w in the order torch's MulBackward applies it.
+        term, grad = _small_term_and_grad(joint * weights, gamma, with_grad)
+        grad = grad * weights if with_grad else None
+    else:
+        term, grad = _small_term_and_grad(joint, gamma, with_grad)
+        term = weights * term
+        grad = weights * grad if with_grad else None
+    return _EntryValues(rows, cls_prob, score_prob, joint, term, grad)
+
+
 class _DenseResult(NamedTuple):
     neg_sum: Tensor  # 0-dim
-    entry_cls_prob: Tensor  # (E,) s = sigmoid(cls) at the entries
-    entry_joint: Tensor  # (E,) S = s q at the entries
+    entry: _EntryValues
     grad_cls: Optional[Tensor]  # (N * R, C) d neg_sum / d cls_logits
     grad_score: Optional[Tensor]  # (N * R, 1) d neg_sum / d score_logits
 
@@ -109,13 +137,15 @@ class _DenseResult(NamedTuple):
 def _dense_negative_term(cls_rows: Tensor, score_rows: Tensor, neg_entries: Tensor,
                          neg_weights: Tensor, gamma: float, weight_scales_score: bool,
                          with_grad: bool) -> _DenseResult:
-    """The negative sum over the (N * R, C) score map, s and S at the (sorted) entries and,
+    """The negative sum over the (N * R, C) score map, the values at the (sorted) entries and,
     with ``with_grad``, the sum's gradient w.r.t. both logits, one block of rows at a time.
 
-    The weights apply at the few written entries: the block's term is summed as if they were
-    all 1, then corrected at those entries.
+    The weighted entries are computed first, together; each block computes the unweighted
+    term and derivative everywhere, then writes them in.
     """
     num_rows, num_classes = cls_rows.shape
+    entry = _entry_values(cls_rows, score_rows, neg_entries, neg_weights, gamma,
+                          weight_scales_score, with_grad)
     if cls_rows.device.type == "cpu":
         rows_per_block = max(1, CPU_BLOCK_ENTRIES // max(num_classes, 1))
     else:
@@ -132,8 +162,6 @@ def _dense_negative_term(cls_rows: Tensor, score_rows: Tensor, neg_entries: Tens
         cls_rows.new_empty(shape) for _ in range(6))
     grad_cls = torch.empty_like(cls_rows) if with_grad else None
     grad_score = torch.empty_like(score_rows) if with_grad else None
-    entry_cls_prob = cls_rows.new_empty(neg_entries.shape)
-    entry_joint = cls_rows.new_empty(neg_entries.shape)
     one = cls_rows.new_ones(())
     partial_sums = []
     for block, start in enumerate(starts):
@@ -147,38 +175,23 @@ def _dense_negative_term(cls_rows: Tensor, score_rows: Tensor, neg_entries: Tens
         _bce_with_zero_target(joint, one_minus, bce, power)
         # x * x is what torch's pow computes for gamma 2.
         torch.mul(joint, joint, out=power) if gamma == 2.0 else torch.pow(joint, gamma, out=power)
-        flat_bce, flat_power = bce.view(-1), power.view(-1)
-        # torch's cascaded sum: a float32 dot product of 10^5 terms drifts by ~1e-5.
-        block_sum = torch.mul(power, bce, out=term).sum()
-
+        torch.mul(power, bce, out=term)
         in_block = slice(cuts[block], cuts[block + 1])
         local = neg_entries[in_block] - start * num_classes
-        weights = neg_weights[in_block]
-        torch.index_select(s.view(-1), 0, local, out=entry_cls_prob[in_block])
-        local_joint = torch.index_select(joint.view(-1), 0, local, out=entry_joint[in_block])
-        plain_term = flat_power.index_select(0, local) * flat_bce.index_select(0, local)
-        if weight_scales_score:
-            # h(w S), and d/dS h(w S) = h'(w S) w in the order torch's MulBackward applies it.
-            neg_term, neg_grad = _small_term_and_grad(local_joint * weights, gamma, with_grad)
-            neg_grad = neg_grad * weights if with_grad else None
-        else:
-            neg_term = weights * plain_term
-        partial_sums.append(block_sum + (neg_term - plain_term).sum())
+        term.view(-1).index_copy_(0, local, entry.term[in_block])
+        # torch's cascaded sum: a float32 dot product of 10^5 terms drifts by ~1e-5.
+        partial_sums.append(term.sum())
         if not with_grad:
             continue
-        grad = _focal_grad(joint, one_minus, bce, power, gamma).view(-1)
-        if not weight_scales_score:
-            neg_grad = weights * grad.index_select(0, local)
-        grad.index_copy_(0, local, neg_grad)
-        grad = grad.view_as(s)
+        grad = _focal_grad(joint, one_minus, bce, power, gamma)
+        grad.view(-1).index_copy_(0, local, entry.grad[in_block])
         # S = s q: d/d score = sum_c grad * s through sigmoid' (torch's own kernel, fused);
         # d/d cls = grad * q through sigmoid'.
         score_grad = torch.sum(torch.mul(grad, s, out=bce), dim=1, keepdim=True)
         torch.ops.aten.sigmoid_backward.grad_input(score_grad, q, grad_input=grad_score[rows])
         torch.ops.aten.sigmoid_backward.grad_input(torch.mul(grad, q, out=one_minus), s,
                                                    grad_input=grad_cls[rows])
-    return _DenseResult(torch.stack(partial_sums).sum(), entry_cls_prob, entry_joint, grad_cls,
-                        grad_score)
+    return _DenseResult(torch.stack(partial_sums).sum(), entry, grad_cls, grad_score)
 
 
 class _JointScoreTerms(torch.autograd.Function):
@@ -192,7 +205,7 @@ class _JointScoreTerms(torch.autograd.Function):
         score_rows = score_logits.reshape(-1, 1).contiguous()
         dense = _dense_negative_term(cls_rows, score_rows, entries, neg_weights, gamma,
                                      weight_scales_score, with_grad)
-        p_cls = dense.entry_joint.index_select(0, entry_of_pair)
+        p_cls = dense.entry.joint.index_select(0, entry_of_pair)
         ctx.save_for_backward(cls_rows, score_rows, entries, entry_of_pair, neg_weights)
         ctx.dense = dense
         ctx.gamma, ctx.weight_scales_score = gamma, weight_scales_score
@@ -213,12 +226,10 @@ class _JointScoreTerms(torch.autograd.Function):
         grad_score = dense.grad_score.mul_(grad_neg_sum)
         # The pairs' own gradient, summed per entry, through S = s q.
         grad_joint = grad_p_cls.new_zeros(entries.shape).index_add_(0, entry_of_pair, grad_p_cls)
-        entry_rows = torch.div(entries, cls_rows.shape[1], rounding_mode="floor")
-        s = dense.entry_cls_prob
-        q = score_rows.view(-1).index_select(0, entry_rows).sigmoid()
+        s, q = dense.entry.cls_prob, dense.entry.score_prob
         sigmoid_backward = torch.ops.aten.sigmoid_backward
         grad_cls.view(-1).index_add_(0, entries, sigmoid_backward(grad_joint * q, s))
-        grad_score.view(-1).index_add_(0, entry_rows, sigmoid_backward(grad_joint * s, q))
+        grad_score.view(-1).index_add_(0, dense.entry.rows, sigmoid_backward(grad_joint * s, q))
         grad_cls = grad_cls.view(ctx.cls_shape) if ctx.needs_input_grad[0] else None
         grad_score = grad_score.view(ctx.score_shape) if ctx.needs_input_grad[1] else None
         return grad_cls, grad_score, None, None, None, None, None, None
