@@ -174,7 +174,7 @@ def test_aligned_giou_backward_matches_the_op_by_op_graph():
     gt[:, 1500:1600] = torch.stack([x, y, x, y])[:, 1500:1600]
     upstream = torch.randn(2, num, dtype=torch.float64, generator=generator)
     results = []
-    for function in (aligned_iou_and_giou, lambda a, b, eps: _aligned_overlaps(a, b, eps, True)):
+    for function in (aligned_iou_and_giou, _aligned_overlaps):
         leaf = distances.clone().requires_grad_()
         iou, giou = function(decode_distances(x, y, leaf), tuple(gt), 1e-6)
         (iou * upstream[0] + giou * upstream[1]).sum().backward()

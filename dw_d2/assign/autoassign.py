@@ -85,7 +85,7 @@ def autoassign_loss(points, strides, cls_logits, box_dists, obj_logits, gt_boxes
 
         pair = gather_pair_inputs(points, strides, box_dists, num_classes, gt, pairs)
         # Negative weight: the score is scaled down where the prediction localises a GT well.
-        iou = _best_iou_at_candidates(points, box_dists, pairs, gt, num_points, box_eps)
+        iou = _best_iou_at_candidates(points, box_dists, pair.rows, gt, num_points, box_eps)
         entries = distinct_score_entries(pair.score_entry, cls_logits.numel())
         neg_values = _negative_weight_values(iou, pairs, entries, gt.num_boxes, duplicate_rule)
         # p_cls = S[r, c_m] at the pairs, S = sigmoid(cls) * sigmoid(obj) (N, R, C); the
@@ -149,7 +149,7 @@ def autoassign_loss(points, strides, cls_logits, box_dists, obj_logits, gt_boxes
         return losses, weights
 
 
-def _best_iou_at_candidates(points, box_dists, pairs, gt, num_points, box_eps):
+def _best_iou_at_candidates(points, box_dists, pair_rows, gt, num_points, box_eps):
     """Per pair, the IoU of the pair's prediction with the best-overlapping GT box of its image.
 
     The official code takes, for each point, the maximum IoU over all GT boxes of the image,
@@ -159,11 +159,10 @@ def _best_iou_at_candidates(points, box_dists, pairs, gt, num_points, box_eps):
     """
     with torch.no_grad():
         num_images = len(gt.counts)
-        point_key = pairs.image * num_points + pairs.point
         # The candidate points, ascending (so each image's are one slice), without a sort.
         is_candidate = torch.zeros(num_images * num_points, dtype=torch.bool,
                                    device=points.device)
-        is_candidate.index_fill_(0, point_key, True)
+        is_candidate.index_fill_(0, pair_rows, True)
         candidate_points = is_candidate.nonzero(as_tuple=True)[0]
         position = torch.empty(num_images * num_points, dtype=torch.long, device=points.device)
         position.index_copy_(0, candidate_points,
@@ -184,7 +183,7 @@ def _best_iou_at_candidates(points, box_dists, pairs, gt, num_points, box_eps):
                 row.index_select(0, point_of_candidate).split(points_per_image),
                 zip(*(c.split(points_per_image) for c in predicted)),
                 gt.boxes.split(gt.counts))]
-        return torch.cat(best).index_select(0, position.index_select(0, point_key))
+        return torch.cat(best).index_select(0, position.index_select(0, pair_rows))
 
 
 # Point x box entries per block of the CPU max-IoU: its few buffers stay within L2.
@@ -252,5 +251,4 @@ def _negative_weight_values(iou, pairs, entries, num_boxes, duplicate_rule):
         low = segment_min(value, pairs.gt, num_boxes).index_select(0, pairs.gt)
         high = segment_max(value, pairs.gt, num_boxes).index_select(0, pairs.gt)
         value = (value - low + EPS) / (high - low + EPS)
-        return resolve_pair_values(1 - value, entries.entry_of_pair,
-                                   entries.last_pair_of_entry, duplicate_rule)
+        return resolve_pair_values(1 - value, entries, duplicate_rule)

@@ -10,7 +10,7 @@ Boxes here are coordinate-major: a (4, ...) tensor or a sequence of four (...) t
 x1, y1, x2, y2, so that every step is a plain element-wise pass over contiguous pairs (a
 ``(..., 4)`` layout would make every column a strided view and every result a ``stack``).
 """
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -32,22 +32,21 @@ def redecode_boxes(x: Tensor, y: Tensor, boxes: Boxes) -> Tuple[Tensor, ...]:
     return decode_distances(x, y, (x - x1, y - y1, x2 - x, y2 - y))
 
 
-def aligned_iou_and_giou(boxes1: Boxes, boxes2: Boxes, eps: float,
-                         with_giou: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
+def aligned_iou_and_giou(boxes1: Boxes, boxes2: Boxes, eps: float) -> Tuple[Tensor, Tensor]:
     """IoU and generalised IoU of box pairs (4, ...) XYXY -> ((...), (...)), differentiable.
 
-    With ``with_giou=False`` the GIoU is not computed (None). When only ``boxes1`` needs a
-    gradient (predictions against GT boxes), one autograd node with a hand-written backward
+    When only ``boxes1`` needs a gradient (predictions against GT boxes), one autograd node with a hand-written backward
     replaces the ~25 of the op-by-op graph; it follows torch's rules, ties of ``min`` / ``max``
     splitting the gradient in halves included.
     """
-    if (with_giou and torch.is_grad_enabled() and not any(b.requires_grad for b in boxes2)
+    if (torch.is_grad_enabled() and not any(b.requires_grad for b in boxes2)
             and any(b.requires_grad for b in boxes1)):
         return tuple(_AlignedIoUAndGIoU.apply(*boxes1, *boxes2, eps))
-    return _aligned_overlaps(boxes1, boxes2, eps, with_giou)
+    return _aligned_overlaps(boxes1, boxes2, eps)
 
 
-def _aligned_overlaps(boxes1, boxes2, eps, with_giou):
+def _aligned_overlaps(boxes1, boxes2, eps):
+    """The op-by-op graph of :func:`aligned_iou_and_giou` (mmdet's ``bbox_overlaps``)."""
     b1_x1, b1_y1, b1_x2, b1_y2 = boxes1
     b2_x1, b2_y1, b2_x2, b2_y2 = boxes2
     area1 = (b1_x2 - b1_x1) * (b1_y2 - b1_y1)
@@ -58,8 +57,6 @@ def _aligned_overlaps(boxes1, boxes2, eps, with_giou):
     eps_tensor = area1.new_tensor([eps])
     union = torch.max(area1 + area2 - overlap, eps_tensor)
     iou = overlap / union
-    if not with_giou:
-        return iou, None
     enclose_w = (torch.max(b1_x2, b2_x2) - torch.min(b1_x1, b2_x1)).clamp(min=0)
     enclose_h = (torch.max(b1_y2, b2_y2) - torch.min(b1_y1, b2_y1)).clamp(min=0)
     enclose = torch.max(enclose_w * enclose_h, eps_tensor)

@@ -4,7 +4,7 @@ Input checks, the working precision, per-segment reductions over candidate pairs
 distributed mean of normalisers and the duplicate-aware write of negative weights.
 """
 import contextlib
-from typing import Sequence, Tuple
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -81,8 +81,7 @@ def segment_max(values: Tensor, segment_ids: Tensor, num_segments: int) -> Tenso
         0, segment_ids, values, "amax", include_self=False)
 
 
-def resolve_pair_values(values: Tensor, entry_of_pair: Tensor, last_pair_of_entry: Tensor,
-                        duplicate_rule: str) -> Tensor:
+def resolve_pair_values(values: Tensor, entries, duplicate_rule: str) -> Tensor:
     """The value each entry of a dense map keeps when several pairs write it.
 
     The official heads write the negative weight with an advanced-index assignment whose
@@ -94,16 +93,15 @@ def resolve_pair_values(values: Tensor, entry_of_pair: Tensor, last_pair_of_entr
 
     Args:
         values: (P,) value of each pair.
-        entry_of_pair, last_pair_of_entry: (P,) and (E,), see
-            :class:`~dw_d2.assign.pairs.ScoreEntries`.
+        entries: the pairs grouped by entry, a :class:`~dw_d2.assign.pairs.ScoreEntries`.
         duplicate_rule: ``"last_gt"`` or ``"min"``.
     Returns:
         (E,) the value of each entry.
     """
     if duplicate_rule == "last_gt":
-        return values.index_select(0, last_pair_of_entry)
-    return values.new_zeros(last_pair_of_entry.shape).scatter_reduce_(
-        0, entry_of_pair, values, "amin", include_self=False)
+        return values.index_select(0, entries.last_pair_of_entry)
+    return values.new_zeros(entries.entries.shape).scatter_reduce_(
+        0, entries.entry_of_pair, values, "amin", include_self=False)
 
 
 def check_dense_inputs(points: Tensor, strides: Tensor, cls_logits: Tensor, box_dists: Tensor,

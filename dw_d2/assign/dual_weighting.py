@@ -155,5 +155,4 @@ def _negative_weight_values(iou, pairs, entries, num_boxes, neg_iou_thresh, dupl
         # vectorised. keep is exactly 1 or 0 and value is finite, so the blend is exact.
         keep = torch.sub(iou, neg_iou_thresh).sign_().add_(1).clamp_(max=1)
         value = value.mul_(keep).add_(1 - keep)
-        return resolve_pair_values(value, entries.entry_of_pair, entries.last_pair_of_entry,
-                                   duplicate_rule)
+        return resolve_pair_values(value, entries, duplicate_rule)

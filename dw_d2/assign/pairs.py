@@ -278,6 +278,7 @@ class PairInputs(NamedTuple):
     """
 
     classes: Tensor  # (P,) int64 class of the pair's GT box
+    rows: Tensor  # (P,) int64 flat (image, point) row of the (N * R, ...) predictions
     score_entry: Tensor  # (P,) int64 flat (image, point, class) entry of the (N, R, C) scores
     points: Tensor  # (2, P) x, y of the pair's point
     strides: Tensor  # (P,) stride of the point's level
@@ -294,13 +295,14 @@ def gather_pair_inputs(points: Tensor, strides: Tensor, box_dists: Tensor, num_c
     """
     num_points = points.shape[0]
     classes = gt.classes.index_select(0, pairs.gt)
-    prediction = pairs.image * num_points + pairs.point
+    rows = pairs.image * num_points + pairs.point
     return PairInputs(
         classes=classes,
-        score_entry=prediction * num_classes + classes,
+        rows=rows,
+        score_entry=rows * num_classes + classes,
         points=gather_coordinates(points, pairs.point),
         strides=strides.index_select(0, pairs.point),
-        distances=gather_coordinates(box_dists.reshape(-1, 4), prediction),
+        distances=gather_coordinates(box_dists.reshape(-1, 4), rows),
         boxes=gather_coordinates(gt.boxes, pairs.gt),
     )
 
