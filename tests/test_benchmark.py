@@ -1,26 +1,15 @@
 """tools/benchmark.py: its synthetic inputs, its table, and smoke runs of the CLI."""
-import importlib.util
 import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from tool_modules import REPO, load_tool
 
-
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("dw_d2_benchmark",
-                                                  REPO / "tools" / "benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_benchmark()
+bench = load_tool("benchmark")
 
 ROW_KEYS = {
     "section", "measure", "subject", "value", "unit", "baseline", "baseline_value", "ratio",

@@ -1,22 +1,10 @@
 """The benchmark's per-GT-loop reference reproduces the official code's golden cases."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from tool_modules import load_tool
 
-
-def _load_reference():
-    spec = importlib.util.spec_from_file_location("reference_weighting",
-                                                  REPO / "tools" / "reference_weighting.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-reference = _load_reference()
+reference = load_tool("reference_weighting")
 
 
 def _leaves(case, score_key):
