@@ -9,27 +9,18 @@ comparison run differs from a DW run only in ``MODEL.META_ARCHITECTURE``: FCOS k
 label assignment (centre sampling radius 1.5, scale ranges), focal loss, GIoU loss and
 centerness, and its inference score sqrt(sigmoid(cls) * sigmoid(ctr)).
 """
-import math
 from typing import List
 
 import torch
-from torch import nn
 
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.modeling.meta_arch.fcos import FCOS, FCOSHead
 from detectron2.structures import Boxes, Instances
 
+from .compat import fcos_matched_boxes, group_norm
+
 __all__ = ["FCOSBaseline", "FCOS_META_ARCHITECTURE"]
-
-
-def _group_norm(channels):
-    """GroupNorm with 32 groups, as Detectron2's "GN".
-
-    Detectron2 2021's ``RetinaNetHead`` probes the norm type with ``get_norm(norm, 1)``, which
-    fails for "GN" (32 groups cannot divide 1 channel); this callable answers the probe.
-    """
-    return nn.GroupNorm(math.gcd(32, channels), channels)
 
 
 @META_ARCH_REGISTRY.register()
@@ -72,7 +63,7 @@ class FCOSBaseline(FCOS):
             input_shape=input_shape,
             conv_dims=[input_shape[0].channels] * head_cfg.NUM_CONVS,
             num_classes=head_cfg.NUM_CLASSES,
-            norm=_group_norm if head_cfg.NORM == "GN" else head_cfg.NORM,
+            norm=group_norm if head_cfg.NORM == "GN" else head_cfg.NORM,
             prior_prob=head_cfg.PRIOR_PROB,
         )
         return {
@@ -91,15 +82,18 @@ class FCOSBaseline(FCOS):
 
     @torch.no_grad()
     def label_anchors(self, anchors: List[Boxes], gt_instances: List[Instances]):
-        """FCOS's labelling, extended to images without GT boxes (all points background).
+        """FCOS's labelling, image by image, also for images without GT boxes.
 
-        Detectron2's FCOS reduces over the GT dimension and indexes the GT with the result,
-        which fails when an image has no GT box; dw-d2 trains on such images
-        (``DATALOADER.FILTER_EMPTY_ANNOTATIONS False``).
+        The 2021 Detectron2's FCOS reduces over the GT dimension and indexes the GT with the
+        result, which fails when an image has no GT box; dw-d2 trains on such images
+        (``DATALOADER.FILTER_EMPTY_ANNOTATIONS False``). Later versions handle them and take
+        the matched boxes as tensors: :func:`dw_d2.compat.fcos_matched_boxes` gives them in
+        the form this Detectron2's ``FCOS.losses`` reads.
 
         Returns:
             (list of N (R,) int64 labels, num_classes for background;
-            list of N Boxes (R, 4), the matched GT box of each point, zeros where unmatched)
+            list of N matched GT boxes (R, 4), zeros where unmatched, as
+            :func:`~dw_d2.compat.fcos_matched_boxes` returns them)
         """
         num_points = sum(len(a) for a in anchors)
         device = anchors[0].tensor.device
@@ -107,12 +101,13 @@ class FCOSBaseline(FCOS):
         for gt_per_image in gt_instances:
             if len(gt_per_image) > 0:
                 (label,), (boxes,) = super().label_anchors(anchors, [gt_per_image])
+                boxes = boxes.tensor if isinstance(boxes, Boxes) else boxes
             else:
                 label = torch.full((num_points,), self.num_classes, dtype=torch.long,
                                    device=device)
-                boxes = Boxes(torch.zeros((num_points, 4), device=device))
+                boxes = torch.zeros((num_points, 4), device=device)
             labels.append(label)
-            matched_boxes.append(boxes)
+            matched_boxes.append(fcos_matched_boxes(boxes))
         return labels, matched_boxes
 
 

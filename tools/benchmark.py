@@ -411,12 +411,6 @@ def detector_config(args, model_name):
     return cfg
 
 
-def group_norm(channels):
-    """GroupNorm(32), Detectron2's "GN", as a callable: the 2021 snapshot's RetinaNetHead
-    probes its norm with ``get_norm(norm, 1)``, which fails for the string "GN"."""
-    return torch.nn.GroupNorm(math.gcd(32, channels), channels)
-
-
 def build_detector(args, model_name):
     """One of ``DETECTORS``, on ``args.device``, with random weights."""
     from detectron2.modeling import build_backbone, build_model
@@ -427,6 +421,8 @@ def build_detector(args, model_name):
     # Detectron2 builds FCOS from a LazyConfig (configs/common/models/fcos.py) and does not
     # register it, so assemble it the same way here: GN head, P3-P7, focal + GIoU losses.
     from detectron2.modeling.meta_arch.fcos import FCOS, FCOSHead
+
+    from dw_d2.compat import group_norm
 
     backbone = build_backbone(cfg)
     in_features = list(cfg.MODEL.DW.IN_FEATURES)

@@ -30,6 +30,7 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 
+from ..compat import DEFAULT_TRAINER_SAVES_OPTIMIZER, ddp_without_device_ids_on_cpu
 from ..data import build_resumable_train_loader, prepare_dataset
 from ..env import has_compiled_ops
 from .checks import check_num_classes
@@ -37,10 +38,6 @@ from .checks import check_num_classes
 logger = logging.getLogger(__name__)
 
 NONFINITE_CHECKPOINT = "model_before_nonfinite.pth"
-
-# Later Detectron2 versions checkpoint the optimizer themselves (DefaultTrainer.state_dict
-# then stores SimpleTrainer's state under "_trainer"); the 2021 snapshot does not.
-_DEFAULT_TRAINER_SAVES_OPTIMIZER = "state_dict" in vars(DefaultTrainer)
 
 # Model attributes that change during training but are neither parameters nor buffers:
 # DenseDetector._ema_update keeps RetinaNet's EMA of the number of foreground anchors here.
@@ -52,7 +49,10 @@ class Trainer(DefaultTrainer):
     checkpoints and a snapshot at a non-finite loss (see the module docstring)."""
 
     def __init__(self, cfg):
-        super().__init__(cfg)
+        # Several processes on the CPU (train_net.py --num-gpus N without CUDA): Detectron2
+        # would give DistributedDataParallel a GPU device id for a CPU model.
+        with ddp_without_device_ids_on_cpu():
+            super().__init__(cfg)
         # The loader from build_train_loader: resume_or_load tells it where to start.
         self.train_loader = self.data_loader
 
@@ -134,7 +134,7 @@ class Trainer(DefaultTrainer):
 
     def state_dict(self):
         state = super().state_dict()
-        if not _DEFAULT_TRAINER_SAVES_OPTIMIZER:
+        if not DEFAULT_TRAINER_SAVES_OPTIMIZER:
             state["_trainer"] = self._trainer.state_dict()
         state["train_loader"] = self.train_loader.state_dict()
         model = self.checkpointer.model
@@ -144,7 +144,7 @@ class Trainer(DefaultTrainer):
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
-        if not _DEFAULT_TRAINER_SAVES_OPTIMIZER:
+        if not DEFAULT_TRAINER_SAVES_OPTIMIZER:
             if "_trainer" in state_dict:
                 self._trainer.load_state_dict(state_dict["_trainer"])
             else:
