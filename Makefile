@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= configs/Builtin/dw_R_18_FPN_shapes.yaml
 OUTPUT ?= output/shapes_dw
 
-.PHONY: setup run test test-fast bench compare env clean
+.PHONY: setup run test test-fast test-upstream bench compare env clean
 
 setup:
 	@bash tools/setup_env.sh
@@ -18,6 +18,11 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# The suite against a Detectron2 source tree: make test-upstream DETECTRON2_SOURCE=path/to/tree
+test-upstream: setup
+	@test -n "$(DETECTRON2_SOURCE)" || { echo "set DETECTRON2_SOURCE=path/to/detectron2" >&2; exit 2; }
+	bash tools/test_upstream.sh $(DETECTRON2_SOURCE) $(UPSTREAM_ARGS) $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) tools/benchmark.py $(BENCH_ARGS)

@@ -14,6 +14,12 @@ Two sources, tried in this order unless ``DW_D2_DETECTRON2`` picks one:
 
 The source that was installed is recorded in ``detectron2/_dw_d2_source.txt`` inside the
 installed package, which ``python -m dw_d2.env`` reports.
+
+``--copy-tree SRC --into DEST`` installs nothing: it makes an importable copy of the
+Detectron2 source tree SRC (for example a clone of upstream's main branch) in DEST, to be put
+ahead of the installed Detectron2 on ``PYTHONPATH``. The copy is Python only, with the same
+``detectron2._C`` stand-in, or with ``--compiled`` the tree's own compiled operators, built in
+place (needs a C++ compiler; minutes). ``tools/test_upstream.sh`` runs the test suite on it.
 """
 import argparse
 import hashlib
@@ -65,21 +71,21 @@ NUMPY_ALIAS = re.compile(r"\bnp\.(int|float|bool)\b")
 STANDIN_C = '''\
 """Stand-in for Detectron2's compiled extension, written by dw-d2's installer.
 
-This Detectron2 was installed from the PyPI source snapshot ({requirement}), which ships no
-C++/CUDA sources. dw-d2 needs none of the compiled operators; anything that calls one gets
-this error instead of a crash deep inside Detectron2. The three build-information functions
-that Detectron2's ``collect_env_info`` (and so ``default_setup``) calls answer truthfully.
+This Detectron2 is {origin}, without C++/CUDA operators. dw-d2 needs none of them; anything
+that calls one gets this error instead of a crash deep inside Detectron2. The three
+build-information functions that Detectron2's ``collect_env_info`` (and so ``default_setup``)
+calls answer truthfully.
 """
 
 __dw_d2_standin__ = True
 
 
 def get_compiler_version():
-    return "none (Python-only Detectron2 snapshot: no compiled operators)"
+    return "none (Python-only Detectron2: no compiled operators)"
 
 
 def get_cuda_version():
-    return "none (Python-only Detectron2 snapshot)"
+    return "none (Python-only Detectron2)"
 
 
 def has_cuda():
@@ -95,11 +101,15 @@ def __getattr__(name):
         raise AttributeError(name)
     raise MissingCompiledOperator(
         f"detectron2._C.{{name}} is a compiled Detectron2 operator, and this Detectron2 was "
-        f"installed without compiled operators (PyPI source snapshot {requirement}). "
-        f"Install Detectron2 from its git repository to use it "
-        f"(DW_D2_DETECTRON2=upstream make setup)."
+        f"installed without compiled operators ({short_origin}). {remedy}"
     )
 '''
+SNAPSHOT_STANDIN = dict(
+    origin=f"the PyPI source snapshot {SNAPSHOT_REQUIREMENT}, which ships no C++/CUDA sources",
+    short_origin=f"PyPI source snapshot {SNAPSHOT_REQUIREMENT}",
+    remedy="Install Detectron2 from its git repository to use it "
+           "(DW_D2_DETECTRON2=upstream make setup).",
+)
 
 
 def log(msg):
@@ -178,6 +188,21 @@ def replace_removed_numpy_aliases(package_dir: Path):
     return patched
 
 
+def write_compiled_ops_standin(package_dir: Path, *, origin: str, short_origin: str, remedy: str):
+    """Write ``package_dir/_C.py``, the stand-in for the compiled extension (see STANDIN_C)."""
+    (package_dir / "_C.py").write_text(
+        STANDIN_C.format(origin=origin, short_origin=short_origin, remedy=remedy))
+
+
+def copy_python_package(source_root: Path, dest_root: Path) -> Path:
+    """Copy the ``detectron2`` package of a source tree (Python files and data, not the C++/CUDA
+    sources or build outputs) to ``dest_root/detectron2``; returns that folder."""
+    package = dest_root / "detectron2"
+    shutil.copytree(source_root / "detectron2", package,
+                    ignore=shutil.ignore_patterns("csrc", "__pycache__", "*.so", "*.pyd"))
+    return package
+
+
 def install_snapshot(cache_dir: Path):
     sdist = fetch_snapshot(cache_dir)
     with tempfile.TemporaryDirectory(prefix="d2-snapshot-") as tmp:
@@ -186,14 +211,13 @@ def install_snapshot(cache_dir: Path):
             tar.extractall(tmp, filter="data")
         src = tmp / "pb1-detectron2-0.6"
         build = tmp / "build"
-        shutil.copytree(src / "detectron2", build / "detectron2")
+        package = copy_python_package(src, build)
         shutil.copy(src / "LICENSE", build / "LICENSE")
-        patched = replace_removed_numpy_aliases(build / "detectron2")
+        patched = replace_removed_numpy_aliases(package)
         log(f"replaced removed NumPy aliases (np.int -> int, ...) in {len(patched)} files: "
             + ", ".join(patched))
-        (build / "detectron2" / "_C.py").write_text(
-            STANDIN_C.format(requirement=SNAPSHOT_REQUIREMENT))
-        (build / "detectron2" / SOURCE_MARKER).write_text(SNAPSHOT_MARKER + "\n")
+        write_compiled_ops_standin(package, **SNAPSHOT_STANDIN)
+        (package / SOURCE_MARKER).write_text(SNAPSHOT_MARKER + "\n")
         (build / "setup.py").write_text(
             "from setuptools import find_packages, setup\n"
             "setup(name='detectron2', version='0.6+snapshot', license='Apache-2.0',\n"
@@ -203,13 +227,84 @@ def install_snapshot(cache_dir: Path):
         pip("install", "--no-build-isolation", str(build))
 
 
+def tree_commit(source_root: Path) -> str:
+    """``commit 02b5c4e2`` (``+ local changes`` when the checkout is modified), or a note
+    saying that the tree is not a git checkout."""
+    try:
+        commit = subprocess.run(["git", "-C", str(source_root), "rev-parse", "--short=8", "HEAD"],
+                                check=True, capture_output=True, text=True).stdout.strip()
+        changes = subprocess.run(["git", "-C", str(source_root), "status", "--porcelain"],
+                                 check=True, capture_output=True, text=True).stdout.strip()
+    except (subprocess.SubprocessError, OSError):
+        return "commit unknown: not a git checkout"
+    return f"commit {commit}" + (" + local changes" if changes else "")
+
+
+def copy_source_tree(source_root: Path, dest: Path, *, compiled: bool) -> str:
+    """Make ``dest`` an importable copy of the Detectron2 source tree ``source_root``
+    (``PYTHONPATH=dest``); returns the description recorded in its source marker.
+
+    Python only (the default): the ``detectron2`` package with the ``_C`` stand-in, remade on
+    every call (seconds). Compiled: the whole tree, its operators built in place with
+    ``setup.py build_ext --inplace``; reused while the marker (tree, commit) is unchanged.
+    """
+    source_root = source_root.resolve()
+    if not (source_root / "detectron2" / "__init__.py").is_file():
+        raise SystemExit(f"{source_root}: not a Detectron2 source tree "
+                         "(it has no detectron2/__init__.py)")
+    commit = tree_commit(source_root)
+    kind = ("compiled in place" if compiled
+            else "Python only, with dw-d2's detectron2._C stand-in")
+    marker = f"source tree {source_root} ({commit}), {kind}"
+    marker_file = dest / "detectron2" / SOURCE_MARKER
+    if marker_file.is_file():
+        if compiled and "local changes" not in commit and "unknown" not in commit \
+                and marker_file.read_text().strip() == marker:
+            log(f"{dest}: already built from {marker}")
+            return marker
+        shutil.rmtree(dest)
+    elif dest.exists() and any(dest.iterdir()):
+        raise SystemExit(f"{dest} exists and is not a copy made by this script; "
+                         "refusing to replace it")
+    dest.mkdir(parents=True, exist_ok=True)
+    if compiled:
+        shutil.copytree(source_root, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns(
+            ".git", "build", "__pycache__", "*.so", "*.egg-info"))
+        log(f"building Detectron2's compiled operators in {dest} (minutes)")
+        subprocess.check_call([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=dest)
+        package = dest / "detectron2"
+    else:
+        package = copy_python_package(source_root, dest)
+        write_compiled_ops_standin(
+            package, origin=f"a Python-only copy of the source tree {source_root}",
+            short_origin="Python-only copy of a source tree",
+            remedy="Build the copy with its operators: tools/test_upstream.sh --compiled.")
+    # What Detectron2's setup.py does on install, so that detectron2.model_zoo finds its configs.
+    zoo_configs = package / "model_zoo" / "configs"
+    if (source_root / "configs").is_dir() and not zoo_configs.exists():
+        shutil.copytree(source_root / "configs", zoo_configs)
+    marker_file.write_text(marker + "\n")
+    log(f"{dest}: Detectron2 from {marker}")
+    return marker
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--source", choices=["auto", "upstream", "snapshot"],
                         default=os.environ.get("DW_D2_DETECTRON2", "auto"))
     parser.add_argument("--cache-dir", type=Path, default=Path(".cache") / "detectron2")
     parser.add_argument("--force", action="store_true", help="reinstall even if present")
+    parser.add_argument("--copy-tree", type=Path, metavar="SRC",
+                        help="install nothing; copy the Detectron2 source tree SRC to --into")
+    parser.add_argument("--into", type=Path, metavar="DEST", help="folder of the copy")
+    parser.add_argument("--compiled", action="store_true",
+                        help="with --copy-tree: build the compiled operators in the copy")
     args = parser.parse_args()
+    if args.copy_tree is not None or args.into is not None:
+        if args.copy_tree is None or args.into is None:
+            parser.error("--copy-tree and --into go together")
+        copy_source_tree(args.copy_tree, args.into, compiled=args.compiled)
+        return
 
     current = installed_source()
     if current is not None and not args.force:
