@@ -16,12 +16,12 @@ import logging
 
 import torch
 from detectron2.config import get_cfg
-from detectron2.engine import default_argument_parser, launch
+from detectron2.engine import default_argument_parser
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
 from dw_d2 import add_dw_config
-from dw_d2.engine import EvaluationCheckpointer, Trainer, default_setup
+from dw_d2.engine import EvaluationCheckpointer, Trainer, default_setup, launch
 
 
 def setup(args):
