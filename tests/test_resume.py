@@ -78,13 +78,16 @@ def test_aspect_ratio_groups_are_never_mixed():
         assert len(batch_groups) == 1
 
 
-def test_workers_shard_the_single_worker_stream():
+def test_workers_split_the_single_worker_batches():
+    # The same images at the same stream positions (so the same augmentation), for any number
+    # of workers sharing the batch.
     groups = np.array([0, 1] * 9)
-    single = ResumableBatchSampler(groups, 2, seed=5, rank=0, world_size=1)
-    ranks = [ResumableBatchSampler(groups, 2, seed=5, rank=r, world_size=2) for r in (0, 1)]
-    for i in range(10):
-        assert ranks[0].batch(i) == single.batch(2 * i)
-        assert ranks[1].batch(i) == single.batch(2 * i + 1)
+    single = ResumableBatchSampler(groups, 4, seed=5, rank=0, world_size=1)
+    for world_size in (2, 4):
+        ranks = [ResumableBatchSampler(groups, 4 // world_size, seed=5, rank=r,
+                                       world_size=world_size) for r in range(world_size)]
+        for i in range(10):
+            assert sum((r.batch(i) for r in ranks), []) == single.batch(i)
 
 
 def test_invalid_sampler_arguments_are_named():
