@@ -212,10 +212,19 @@ class DWDetector(DenseDetector):
         gt_boxes = [x.gt_boxes.tensor.to(loss_dtype) for x in gt_instances]
         gt_classes = [x.gt_classes for x in gt_instances]
         if self.assigner == "DW":
-            return dual_weighting_loss(
+            result = dual_weighting_loss(
                 points, point_strides, cls_logits, box_dists, ctr_logits, gt_boxes, gt_classes,
                 **self.loss_hyperparams, return_weights=return_weights,
             )
+            losses = result[0] if return_weights else result
+            if not losses["loss_loc"].requires_grad:
+                # No GT box in this process's images: DW's loss_loc is then a constant and the
+                # distance branch gets no gradient. DistributedDataParallel waits for a gradient
+                # of every parameter from every process, so the other processes would hang;
+                # an empty slice keeps the branch in the graph with a zero gradient (and,
+                # unlike 0 * sum, cannot turn a non-finite prediction into a NaN loss).
+                losses["loss_loc"] = losses["loss_loc"] + box_dists[:, :0].sum()
+            return result
         prior_mean, prior_sigma = self.center_prior()
         return autoassign_loss(
             points, point_strides, cls_logits, box_dists, ctr_logits, gt_boxes, gt_classes,
