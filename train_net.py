@@ -5,6 +5,7 @@ The standard Detectron2 entry point::
 
     python train_net.py --config-file configs/Builtin/dw_R_18_FPN_shapes.yaml
     python train_net.py --config-file CONFIG --num-gpus 8 OUTPUT_DIR output/run1
+    python train_net.py --config-file CONFIG --num-gpus 2 --dist-url auto  # CPU: gloo
     python train_net.py --config-file CONFIG --resume          # continue output/run1
     python train_net.py --config-file CONFIG --eval-only MODEL.WEIGHTS model_final.pth
 
