@@ -11,6 +11,16 @@ GOLDEN_DIR = Path(os.environ.get(
     "DW_D2_GOLDEN", Path(__file__).resolve().parents[2] / "shared" / "golden"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_image_check_cache(tmp_path_factory):
+    """Image-check results are cached under ``$DW_D2_CACHE`` (default ``~/.cache/dw_d2``): the
+    tests keep theirs in a temporary folder (subprocesses inherit the variable)."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("DW_D2_CACHE", str(tmp_path_factory.mktemp("dw_d2_cache")))
+    yield
+    patch.undo()
+
+
 def golden_case_files(kind):
     """File names of the golden cases of one kind (``dw_loss``, ...) as listed in index.json."""
     if not GOLDEN_DIR.is_dir():
