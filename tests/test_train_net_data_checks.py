@@ -1,0 +1,109 @@
+"""train_net.py as a new user runs it on a COCO dataset with one planted fault: the run stops
+before iteration 0 with an error naming the file; and main() returns the final evaluation."""
+import json
+import runpy
+from pathlib import Path
+
+import pytest
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import register_coco_instances
+from detectron2.engine import default_argument_parser
+
+from dw_d2.data import ImageFileError, prepare_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "Builtin" / "dw_R_18_FPN_shapes.yaml"
+TINY = ["SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TRAIN", "(96,)",
+        "INPUT.MAX_SIZE_TRAIN", "128", "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "128",
+        "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "(100,)", "DATALOADER.NUM_WORKERS", "0",
+        "MODEL.DEVICE", "cpu", "SEED", "3"]
+train_net_main = runpy.run_path(str(REPO / "train_net.py"), run_name="train_net")["main"]
+
+pytestmark = pytest.mark.slow
+
+
+def run_train_net(*argv):
+    args = default_argument_parser().parse_args([str(a) for a in argv])
+    return train_net_main(args)
+
+
+@pytest.fixture
+def shapes_subset(tmp_path):
+    """``make(split, count, fault=None)``: the first images of a dw_shapes split as a COCO
+    dataset of their own (copies of the files), with one planted fault in its first image."""
+    registered = []
+
+    def make(split, count, fault=None):
+        source = f"dw_shapes_{split}"
+        prepare_dataset(source)
+        meta = MetadataCatalog.get(source)
+        coco = json.loads(Path(meta.json_file).read_text())
+        coco["images"] = coco["images"][:count]
+        kept = {image["id"] for image in coco["images"]}
+        coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] in kept]
+        image_dir = tmp_path / f"{split}_{len(registered)}"
+        image_dir.mkdir()
+        for image in coco["images"]:
+            (image_dir / image["file_name"]).parent.mkdir(parents=True, exist_ok=True)
+            (image_dir / image["file_name"]).write_bytes(
+                (Path(meta.image_root) / image["file_name"]).read_bytes())
+        first = coco["images"][0]
+        if fault == "garbage":
+            (image_dir / first["file_name"]).write_bytes(b"\x89garbage" * 100)
+        elif fault == "size":
+            first["width"] += 1
+        elif fault == "zero_width":
+            coco["annotations"][0]["bbox"][2] = 0
+        json_file = tmp_path / f"{split}_{len(registered)}.json"
+        json_file.write_text(json.dumps(coco))
+        name = f"dw_d2_test_{split}_{len(registered)}_{fault}"
+        register_coco_instances(name, {}, str(json_file), str(image_dir))
+        registered.append(name)
+        return name, str(image_dir / first["file_name"]), first["id"]
+
+    yield make
+    for name in registered:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+
+
+@pytest.mark.parametrize("fault, words", [("garbage", "is not an image file Pillow can read"),
+                                          ("size", "field 'width' is")])
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_bad_image_stops_the_run_before_iteration_0(shapes_subset, tmp_path, fault, words,
+                                                      split):
+    bad, file_name, image_id = shapes_subset(split, 6, fault)
+    train, _, _ = shapes_subset("train", 6) if split == "val" else (bad, None, None)
+    test = bad if split == "val" else "dw_shapes_val"
+    out = tmp_path / "run"
+    with pytest.raises(ImageFileError) as error:
+        run_train_net("--config-file", CONFIG, *TINY, "OUTPUT_DIR", out, "SOLVER.MAX_ITER", 2,
+                      "DATASETS.TRAIN", f"('{train}',)", "DATASETS.TEST", f"('{test}',)")
+    message = str(error.value)
+    assert repr(file_name) in message and f"image_id={image_id}" in message and words in message
+    assert "Starting training from iteration 0" not in (out / "log.txt").read_text()
+
+
+def test_main_returns_the_final_evaluation_after_training(shapes_subset, tmp_path):
+    val, _, _ = shapes_subset("val", 4)
+    # A 2-iteration DW model scores about 0.02 x 0.5: lower the threshold so that COCO
+    # evaluation has detections to score.
+    results = run_train_net("--config-file", CONFIG, *TINY, "OUTPUT_DIR", tmp_path / "run",
+                            "SOLVER.MAX_ITER", 2, "MODEL.DW.SCORE_THRESH_TEST", 0.005,
+                            "DATASETS.TEST", f"('{val}',)")
+    assert set(results["bbox"]) >= {"AP", "AP50", "AP75"}
+    assert 0.0 <= results["bbox"]["AP"] <= 100.0
+
+
+def test_changed_annotations_are_listed_in_output_dir(shapes_subset, tmp_path):
+    train, _, _ = shapes_subset("train", 4, "zero_width")
+    annotation_id = json.loads(Path(MetadataCatalog.get(train).json_file).read_text())[
+        "annotations"][0]["id"]
+    out = tmp_path / "run"
+    run_train_net("--config-file", CONFIG, *TINY, "OUTPUT_DIR", out, "SOLVER.MAX_ITER", 1,
+                  "DATASETS.TRAIN", f"('{train}',)", "DATASETS.TEST", "()")
+    report = out / f"annotation_changes_{train}.json"
+    content = json.loads(report.read_text())
+    assert content["counts"]["degenerate"] == 1
+    assert content["changes"][0]["annotation_id"] == annotation_id
+    assert f"All 1 are listed in {report}" in (out / "log.txt").read_text()
