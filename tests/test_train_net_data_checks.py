@@ -5,11 +5,11 @@ import runpy
 from pathlib import Path
 
 import pytest
-from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import register_coco_instances
+from detectron2.data import MetadataCatalog
 from detectron2.engine import default_argument_parser
+from shapes_subsets import make_shapes_subset, unregister
 
-from dw_d2.data import ImageFileError, prepare_dataset
+from dw_d2.data import ImageFileError
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "Builtin" / "dw_R_18_FPN_shapes.yaml"
@@ -29,42 +29,16 @@ def run_train_net(*argv):
 
 @pytest.fixture
 def shapes_subset(tmp_path):
-    """``make(split, count, fault=None)``: the first images of a dw_shapes split as a COCO
-    dataset of their own (copies of the files), with one planted fault in its first image."""
-    registered = []
+    """``make(split, count, fault=None)`` -> ShapesSubset (see tests/shapes_subsets.py)."""
+    names = []
 
     def make(split, count, fault=None):
-        source = f"dw_shapes_{split}"
-        prepare_dataset(source)
-        meta = MetadataCatalog.get(source)
-        coco = json.loads(Path(meta.json_file).read_text())
-        coco["images"] = coco["images"][:count]
-        kept = {image["id"] for image in coco["images"]}
-        coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] in kept]
-        image_dir = tmp_path / f"{split}_{len(registered)}"
-        image_dir.mkdir()
-        for image in coco["images"]:
-            (image_dir / image["file_name"]).parent.mkdir(parents=True, exist_ok=True)
-            (image_dir / image["file_name"]).write_bytes(
-                (Path(meta.image_root) / image["file_name"]).read_bytes())
-        first = coco["images"][0]
-        if fault == "garbage":
-            (image_dir / first["file_name"]).write_bytes(b"\x89garbage" * 100)
-        elif fault == "size":
-            first["width"] += 1
-        elif fault == "zero_width":
-            coco["annotations"][0]["bbox"][2] = 0
-        json_file = tmp_path / f"{split}_{len(registered)}.json"
-        json_file.write_text(json.dumps(coco))
-        name = f"dw_d2_test_{split}_{len(registered)}_{fault}"
-        register_coco_instances(name, {}, str(json_file), str(image_dir))
-        registered.append(name)
-        return name, str(image_dir / first["file_name"]), first["id"]
+        names.append(f"dw_d2_test_{split}_{len(names)}_{fault}")
+        return make_shapes_subset(tmp_path / names[-1], names[-1], split, count, fault)
 
     yield make
-    for name in registered:
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
+    for name in names:
+        unregister(name)
 
 
 @pytest.mark.parametrize("fault, words", [("garbage", "is not an image file Pillow can read"),

@@ -1,0 +1,111 @@
+"""``python -m dw_d2.check_dataset``: the checks of training without training, a summary, a
+picture, and an exit status a script can test."""
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from shapes_subsets import make_shapes_subset, unregister
+
+from dw_d2.check_dataset import detector_points, main
+from dw_d2.viz.tool_config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "configs" / "Builtin" / "dw_R_18_FPN_shapes.yaml")
+
+
+@pytest.fixture
+def shapes_subset(tmp_path):
+    names = []
+
+    def make(split, count, fault=None):
+        names.append(f"dw_d2_check_test_{len(names)}_{fault}")
+        return make_shapes_subset(tmp_path / names[-1], names[-1], split, count, fault)
+
+    yield make
+    for name in names:
+        unregister(name)
+
+
+def test_builtin_datasets_pass_with_a_summary_and_pictures(tmp_path, capsys):
+    assert main(["--config-file", CONFIG, "--output", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "=== dw_shapes_train (training dataset) ===" in out
+    assert "=== dw_shapes_val (evaluation dataset) ===" in out
+    assert "Dataset 'dw_shapes_train': 240 images, 778 boxes" in out
+    assert "boxes per class:" in out and "boxes per image:" in out
+    assert "FCOS level (8s < longer side <= 16s): p3" in out
+    assert "contain no point of any level" in out
+    assert "All 2 datasets pass" in out
+    for name in ("dw_shapes_train", "dw_shapes_val"):
+        with Image.open(tmp_path / f"dataset_summary_{name}.png") as picture:
+            assert picture.size == (1380, 680)
+        numbers = json.loads((tmp_path / f"dataset_summary_{name}.json").read_text())
+        assert numbers["strides"] == [8, 16, 32, 64, 128] and numbers["point_offset"] == 0.5
+
+
+@pytest.mark.parametrize("fault, words", [
+    ("garbage", "is not an image file Pillow can read"),
+    ("size", "field 'width' is"),
+])
+def test_a_faulty_dataset_fails_naming_the_file_and_the_others_are_still_checked(
+        shapes_subset, tmp_path, capsys, fault, words):
+    bad = shapes_subset("train", 5, fault)
+    good = shapes_subset("val", 5)
+    status = main(["--config-file", CONFIG, "--output", str(tmp_path / "out"),
+                   "--dataset", bad.name, "--dataset", good.name])
+    out = capsys.readouterr().out
+    assert status == 1
+    assert f"ERROR: ImageFileError: Dataset '{bad.name}'" in out
+    assert repr(bad.file_name) in out and f"image_id={bad.image_id}" in out and words in out
+    assert f"Dataset '{good.name}': 5 images" in out
+    assert f"1 of 2 datasets FAIL the checks that train_net.py runs before training: " \
+           f"{bad.name}" in out
+
+
+def test_dropped_annotations_are_listed_and_do_not_fail_the_check(shapes_subset, tmp_path,
+                                                                  capsys):
+    subset = shapes_subset("train", 5, "zero_width")
+    assert main(["--config-file", CONFIG, "--output", str(tmp_path), "--dataset",
+                 subset.name]) == 0
+    report = json.loads((tmp_path / f"annotation_changes_{subset.name}.json").read_text())
+    assert report["counts"]["degenerate"] == 1
+
+
+def test_config_options_follow_the_config_file(tmp_path, capsys, shapes_subset):
+    subset = shapes_subset("val", 3)
+    assert main(["--config-file", CONFIG, "--output", str(tmp_path), "--dataset", subset.name,
+                 "INPUT.MIN_SIZE_TEST", "512", "INPUT.MAX_SIZE_TEST", "600"]) == 0
+    assert "at the input size test (512, max 600)" in capsys.readouterr().out
+
+
+def test_wrong_number_of_classes_and_unknown_dataset_fail(tmp_path, capsys):
+    status = main(["--config-file", CONFIG, "--output", str(tmp_path), "--dataset",
+                   "dw_shapes_val", "--dataset", "no_such_dataset", "MODEL.DW.NUM_CLASSES", "3"])
+    out = capsys.readouterr().out
+    assert status == 1
+    assert "MODEL.DW.NUM_CLASSES is 3, but dataset 'dw_shapes_val' has 4 classes" in out
+    assert "no_such_dataset" in out and "not registered" in out
+
+
+def test_bad_command_lines(tmp_path, capsys):
+    assert main(["--config-file", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["--config-file", CONFIG, "DATASETS.TRAIN", "()", "DATASETS.TEST", "()"]) == 2
+
+
+def test_detector_points_of_the_schemes():
+    assert detector_points(load_config(CONFIG)) == ([8, 16, 32, 64, 128], 0.5,
+                                                    ["p3", "p4", "p5", "p6", "p7"])
+    autoassign = load_config(CONFIG, ["MODEL.DW.ASSIGNER", "AutoAssign",
+                                      "MODEL.DW.BOX_REFINEMENT", "False"])
+    assert detector_points(autoassign)[1] == 0.0
+
+
+def test_make_target_passes_datasets_and_options():
+    command = subprocess.run(
+        ["make", "-n", "check-data", "CONFIG=c.yaml", "DATASETS=a b", "OPTS=K V"],
+        cwd=REPO, capture_output=True, text=True, check=True).stdout.splitlines()[-1]
+    assert command.endswith("-m dw_d2.check_dataset --config-file c.yaml --dataset=a "
+                            "--dataset=b K V")
