@@ -67,9 +67,11 @@ _EXIF_ORIENTATION_TAG = 0x0112
 _PNG_METADATA_CHUNKS = (b"eXIf", b"tEXt", b"zTXt", b"iTXt")
 _PNG_SIGNATURE_LENGTH = 8
 
-# Below this many files to read, a process pool costs more than it saves (measured: about
-# 30 us per file read serially, and tens of milliseconds to start a pool).
-_MIN_FILES_FOR_POOL = 2000
+# Below this many files to read, a process pool costs more than it saves (measured on 2
+# cores, tools/benchmark_image_check.py: one process reads a header in 50 us when the file is
+# in the page cache, 150 us when not; forking a pool from a process that has imported torch
+# and Detectron2 costs about 0.1 s).
+_MIN_FILES_FOR_POOL = 5000
 _FILES_PER_TASK = 256
 # Progress is shown when at least this many files must be read.
 _MIN_FILES_FOR_PROGRESS = 2000
@@ -340,9 +342,10 @@ def read_image_infos(
         paths: image files (relative paths are taken from the current folder).
         cache: where results are kept between runs; None reads every file.
         workers: processes reading headers; None picks the number of CPUs available when at
-            least 2,000 files must be read, and reads in this process otherwise (header reads
-            are CPU-bound Python: on two cores, threads were slower than one thread, and
-            processes about 1.5 times faster on files not in the page cache).
+            least 5,000 files must be read, and reads in this process otherwise (header reads
+            are CPU-bound Python: on two cores, two threads were slower than one, and two
+            processes about 1.5 times faster on files not in the page cache, as fast on files
+            in it).
         progress: show progress (a tqdm bar on a terminal, else a log line every 10 s) when at
             least 2,000 files must be read.
         description: what the progress bar says it reads.
