@@ -3,11 +3,17 @@
 ::
 
     python -m dw_d2.check_dataset --config-file configs/Builtin/dw_R_18_FPN_shapes.yaml
-    python -m dw_d2.check_dataset --config-file CONFIG --dataset my_train --dataset my_val \\
-        MODEL.DW.NUM_CLASSES 3
+    python -m dw_d2.check_dataset --config-file CONFIG \\
+        --coco my_train path/train.json path/train_images \\
+        --coco my_val path/val.json path/val_images \\
+        DATASETS.TRAIN '("my_train",)' DATASETS.TEST '("my_val",)' MODEL.DW.NUM_CLASSES 3
     make check-data CONFIG=CONFIG DATASETS="my_train my_val" OPTS="MODEL.DW.NUM_CLASSES 3"
 
-For each dataset (default: the config's ``DATASETS.TRAIN`` and ``DATASETS.TEST``) it runs the
+``--coco NAME JSON IMAGE_ROOT`` registers a COCO-format dataset as ``register_coco_instances``
+does in a training script; datasets registered elsewhere are checked by name (``--dataset``).
+For each dataset (``--dataset`` names, else the ``--coco`` ones, else the config's
+``DATASETS.TRAIN`` and ``DATASETS.TEST``; a dataset of ``DATASETS.TRAIN`` is checked as
+training data, the others as evaluation data) it runs the
 checks that ``train_net.py`` runs before iteration 0: the annotation file (valid JSON, known
 categories), every annotation (finite boxes, valid class ids; dropped, clipped and crowd boxes
 counted and listed), every image file (exists, is an image Pillow can read, has the size the
@@ -45,6 +51,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--dataset", action="append", default=None, metavar="NAME",
                         help="a registered dataset to check (repeat for several; default: "
                              "DATASETS.TRAIN and DATASETS.TEST of the config)")
+    parser.add_argument("--coco", nargs=3, action="append", default=[],
+                        metavar=("NAME", "JSON", "IMAGE_ROOT"),
+                        help="register a COCO-format dataset first (repeat for several)")
     parser.add_argument("--output", default=None, metavar="DIR",
                         help="where to write the summaries (default: OUTPUT_DIR/dataset_check)")
     parser.add_argument("--no-cache", action="store_true",
@@ -148,8 +157,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from detectron2.data import DatasetCatalog
+    from detectron2.data.datasets import register_coco_instances
+
+    for name, json_file, image_root in args.coco:
+        if name in DatasetCatalog.list():
+            print(f"error: --coco {name}: a dataset of that name is already registered",
+                  file=sys.stderr)
+            return 2
+        register_coco_instances(name, {}, json_file, image_root)
     training = list(cfg.DATASETS.TRAIN)
-    names = args.dataset or list(dict.fromkeys(training + list(cfg.DATASETS.TEST)))
+    names = args.dataset or [name for name, _, _ in args.coco] or list(
+        dict.fromkeys(training + list(cfg.DATASETS.TEST)))
     if not names:
         print("error: no dataset to check (the config has no DATASETS.TRAIN or DATASETS.TEST, "
               "and no --dataset was given)", file=sys.stderr)
@@ -166,6 +185,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         summary, errors = check_one_dataset(
             cfg, name, is_training=name in training, output_dir=output_dir,
             use_cache=not args.no_cache, workers=args.workers, points=points, scales=scales)
+        for error in errors:
+            print("  ERROR: " + error.replace("\n", "\n    "))
         if summary is not None:
             print(format_summary(summary))
             picture = plot_dataset_summary(
@@ -174,8 +195,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             with open(numbers, "w", encoding="utf-8") as f:
                 json.dump(summary.to_json(), f, indent=1)
             print(f"  summary picture: {picture}\n  summary numbers: {numbers}")
-        for error in errors:
-            print(f"  ERROR: {error}")
         if errors:
             failed[name] = errors
         sys.stdout.flush()

@@ -64,6 +64,21 @@ def test_a_faulty_dataset_fails_naming_the_file_and_the_others_are_still_checked
            f"{bad.name}" in out
 
 
+def test_coco_datasets_are_registered_from_the_command_line(shapes_subset, tmp_path, capsys):
+    subset = shapes_subset("val", 4, "garbage")
+    meta_json = str(tmp_path / subset.name / "instances.json")
+    status = main(["--config-file", CONFIG, "--output", str(tmp_path / "out"),
+                   "--coco", "user_data", meta_json, str(tmp_path / subset.name),
+                   "DATASETS.TRAIN", "('user_data',)"])
+    out = capsys.readouterr().out
+    unregister("user_data")
+    assert status == 1
+    assert "=== user_data (training dataset) ===" in out
+    assert "  ERROR: ImageFileError: Dataset 'user_data'" in out
+    assert f"\n      - {subset.file_name!r} (image_id={subset.image_id})" in out
+    assert main(["--config-file", CONFIG, "--coco", "dw_shapes_val", meta_json, "x"]) == 2
+
+
 def test_dropped_annotations_are_listed_and_do_not_fail_the_check(shapes_subset, tmp_path,
                                                                   capsys):
     subset = shapes_subset("train", 5, "zero_width")
