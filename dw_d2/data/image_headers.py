@@ -335,6 +335,7 @@ def read_image_infos(
     workers: Optional[int] = None,
     progress: bool = True,
     description: str = "image headers",
+    dataset_paths: Optional[Sequence[str]] = None,
 ) -> List[ImageFileInfo]:
     """The :class:`ImageFileInfo` of each path, reading only the files the cache lacks.
 
@@ -349,6 +350,9 @@ def read_image_infos(
         progress: show progress (a tqdm bar on a terminal, else a log line every 10 s) when at
             least 2,000 files must be read.
         description: what the progress bar says it reads.
+        dataset_paths: all files of the dataset when ``paths`` is a share of them (a
+            distributed worker's): the cache keeps the entries of these files, and drops the
+            others' (default: ``paths``).
 
     Returns:
         list[ImageFileInfo], in the order of ``paths``.
@@ -382,8 +386,8 @@ def read_image_infos(
         if info.problem in ("", "not_image"):
             new_entries[absolute[i]] = ImageInfoCache.entry(info, stats[i])
     if cache is not None and new_entries:
-        dataset_paths = set(absolute)
-        cache.update(new_entries, keep=dataset_paths.__contains__)
+        kept = set(absolute if dataset_paths is None else map(os.path.abspath, dataset_paths))
+        cache.update(new_entries, keep=kept.__contains__)
     return infos
 
 

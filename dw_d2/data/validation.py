@@ -146,11 +146,12 @@ def find_image_file_problems(
         cache = ImageInfoCache.for_dataset(
             cache_key(dataset_name, MetadataCatalog.get(dataset_name).get("json_file")))
     if workers is None and world_size > 1:
-        workers = max(1, (os.cpu_count() or 1) // comm.get_local_size())
+        workers = max(1, (os.cpu_count() or 1) // _processes_per_machine())
     infos = read_image_infos(
         [dataset_dicts[i]["file_name"] for i in indices], cache=cache, workers=workers,
         progress=progress and comm.is_main_process(),
         description=f"image headers of '{dataset_name}'",
+        dataset_paths=[d["file_name"] for d in dataset_dicts] if world_size > 1 else None,
     )
     problems = [p for i, info in zip(indices, infos)
                 for p in _image_problems(i, dataset_dicts[i], info)]
@@ -158,6 +159,13 @@ def find_image_file_problems(
         problems = sorted((p for part in comm.all_gather(problems) for p in part),
                           key=lambda p: p.index)
     return problems
+
+
+def _processes_per_machine() -> int:
+    try:
+        return comm.get_local_size()
+    except AssertionError:  # upstream Detectron2 outside its launch(): no local group
+        return int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
 
 def _image_problems(index: int, record: dict, info: ImageFileInfo) -> List[ImageFileProblem]:
