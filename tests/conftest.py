@@ -134,3 +134,20 @@ def _assert_golden_weights(weights, golden_per_image):
 def assert_golden_weights():
     """``assert_golden_weights(weights, golden_per_image)``, see above."""
     return _assert_golden_weights
+
+
+@pytest.fixture
+def shapes_subset(tmp_path):
+    """``make(split, count, fault=None)``: the first images of a dw_shapes split as a COCO
+    dataset of their own, with one planted fault (see ``tests/shapes_subsets.py``)."""
+    from shapes_subsets import make_shapes_subset, unregister
+
+    names = []
+
+    def make(split, count, fault=None):
+        names.append(f"dw_d2_test_subset_{len(names)}_{fault}")
+        return make_shapes_subset(tmp_path / names[-1], names[-1], split, count, fault)
+
+    yield make
+    for name in names:
+        unregister(name)

@@ -6,26 +6,13 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from shapes_subsets import make_shapes_subset, unregister
+from shapes_subsets import unregister
 
 from dw_d2.check_dataset import detector_points, main
 from dw_d2.viz.tool_config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "Builtin" / "dw_R_18_FPN_shapes.yaml")
-
-
-@pytest.fixture
-def shapes_subset(tmp_path):
-    names = []
-
-    def make(split, count, fault=None):
-        names.append(f"dw_d2_check_test_{len(names)}_{fault}")
-        return make_shapes_subset(tmp_path / names[-1], names[-1], split, count, fault)
-
-    yield make
-    for name in names:
-        unregister(name)
 
 
 def test_builtin_datasets_pass_with_a_summary_and_pictures(tmp_path, capsys):

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 from detectron2.data import MetadataCatalog
 from detectron2.engine import default_argument_parser
-from shapes_subsets import make_shapes_subset, unregister
 
 from dw_d2.data import ImageFileError
 
@@ -25,20 +24,6 @@ pytestmark = pytest.mark.slow
 def run_train_net(*argv):
     args = default_argument_parser().parse_args([str(a) for a in argv])
     return train_net_main(args)
-
-
-@pytest.fixture
-def shapes_subset(tmp_path):
-    """``make(split, count, fault=None)`` -> ShapesSubset (see tests/shapes_subsets.py)."""
-    names = []
-
-    def make(split, count, fault=None):
-        names.append(f"dw_d2_test_{split}_{len(names)}_{fault}")
-        return make_shapes_subset(tmp_path / names[-1], names[-1], split, count, fault)
-
-    yield make
-    for name in names:
-        unregister(name)
 
 
 @pytest.mark.parametrize("fault, words", [("garbage", "is not an image file Pillow can read"),

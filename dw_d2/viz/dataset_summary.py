@@ -38,31 +38,15 @@ def plot_dataset_summary(summary, output_path):
     ax.set_xlabel("boxes")
     ax.set_ylabel("images")
 
-    ax = axes[0, 2]
     if s.num_boxes:
-        sizes = [np.sqrt(s.box_width * s.box_height)]
-        sizes += [np.sqrt(sc.box_width * sc.box_height) for sc in s.scales]
-        bins = _log_bins(np.concatenate(sizes))
-        ax.hist(sizes[0], bins=bins, histtype="step", color="black", label="image pixels")
-        for scale, size, color in zip(s.scales, sizes[1:], _SCALE_COLORS):
-            ax.hist(size, bins=bins, histtype="step", color=color, label=scale.scale.name)
-        _mark_strides(ax, s)
-        ax.set_xscale("log")
-        ax.legend(fontsize=7)
-    ax.set_title("box size sqrt(w*h)")
-    ax.set_xlabel("pixels")
-
-    ax = axes[1, 0]
-    if s.num_boxes:
-        shorter = [np.minimum(sc.box_width, sc.box_height) for sc in s.scales]
-        bins = _log_bins(np.concatenate(shorter))
-        for scale, side, color in zip(s.scales, shorter, _SCALE_COLORS):
-            ax.hist(side, bins=bins, histtype="step", color=color, label=scale.scale.name)
-        _mark_strides(ax, s)
-        ax.set_xscale("log")
-        ax.legend(fontsize=7)
-    ax.set_title("shorter box side at the input size")
-    ax.set_xlabel("input pixels")
+        _histograms(axes[0, 2], s, [np.sqrt(s.box_width * s.box_height)] + [
+            np.sqrt(sc.box_width * sc.box_height) for sc in s.scales], with_image_pixels=True)
+        _histograms(axes[1, 0], s, [np.minimum(sc.box_width, sc.box_height)
+                                    for sc in s.scales])
+    axes[0, 2].set_title("box size sqrt(w*h)")
+    axes[0, 2].set_xlabel("pixels")
+    axes[1, 0].set_title("shorter box side at the input size")
+    axes[1, 0].set_xlabel("input pixels")
 
     width = 0.8 / max(len(s.scales), 1)
     levels = np.arange(len(s.strides))
@@ -86,6 +70,19 @@ def plot_dataset_summary(summary, output_path):
     fig.suptitle(f"{s.dataset_name}: {s.num_images} images, {s.num_boxes} boxes "
                  f"(strides {', '.join(map(str, s.strides))}; point offset {s.point_offset:g})")
     return save_figure(fig, output_path)
+
+
+def _histograms(ax, summary, series, with_image_pixels=False):
+    """Step histograms on shared log bins: one per input size (after the image pixels' one
+    when ``with_image_pixels``), with the strides marked."""
+    bins = _log_bins(np.concatenate(series))
+    labels = ["image pixels"] * with_image_pixels + [sc.scale.name for sc in summary.scales]
+    colors = ["black"] * with_image_pixels + list(_SCALE_COLORS)
+    for values, label, color in zip(series, labels, colors):
+        ax.hist(values, bins=bins, histtype="step", color=color, label=label)
+    _mark_strides(ax, summary)
+    ax.set_xscale("log")
+    ax.legend(fontsize=7)
 
 
 def _log_bins(values):
