@@ -1,6 +1,7 @@
 """``python -m dw_d2.check_dataset``: the checks of training without training, a summary, a
 picture, and an exit status a script can test."""
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -106,8 +107,10 @@ def test_detector_points_of_the_schemes():
 
 
 def test_make_target_passes_datasets_and_options():
-    command = subprocess.run(
-        ["make", "-n", "check-data", "CONFIG=c.yaml", "DATASETS=a b", "OPTS=K V"],
-        cwd=REPO, capture_output=True, text=True, check=True).stdout.splitlines()[-1]
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("MAKE")}
+    printed = subprocess.run(
+        ["make", "--no-print-directory", "-n", "check-data", "CONFIG=c.yaml", "DATASETS=a b",
+         "OPTS=K V"], cwd=REPO, capture_output=True, text=True, check=True, env=environment)
+    command = next(line for line in printed.stdout.splitlines() if "check_dataset" in line)
     assert command.endswith("-m dw_d2.check_dataset --config-file c.yaml --dataset=a "
                             "--dataset=b K V")
