@@ -1,5 +1,6 @@
 """Image files are judged from their headers as Detectron2's reader would judge them, without
 decoding, and the verdicts are cached so that a second check reads no image."""
+import io
 import json
 import os
 
@@ -280,3 +281,16 @@ def test_progress_is_logged_on_large_datasets(tmp_path, encode, monkeypatch, cap
     assert "Checking 20 test images" in caplog.text
     assert "Checked 8/20 test images" in caplog.text
     assert "Checked 20 test images in" in caplog.text
+
+
+def test_progress_is_a_bar_on_a_terminal(tmp_path, encode, monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(image_headers, "_MIN_FILES_FOR_PROGRESS", 10)
+    terminal = Terminal()
+    monkeypatch.setattr(image_headers.sys, "stderr", terminal)
+    read_image_infos(_write_pngs(tmp_path / "images", 20, encode), description="test images")
+    assert "Checking test images:   0%|" in terminal.getvalue()
+    assert "/20 [" in terminal.getvalue() and "file/s]" in terminal.getvalue()
