@@ -1,14 +1,10 @@
 """Shared test fixtures: where the golden reference cases live, and their per-kind lists."""
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
 
-# The golden cases sit in ``shared/golden`` beside the repository; DW_D2_GOLDEN overrides it.
-GOLDEN_DIR = Path(os.environ.get(
-    "DW_D2_GOLDEN", Path(__file__).resolve().parents[2] / "shared" / "golden"))
+from tests.helpers import GOLDEN_DIR
 
 
 def golden_case_files(kind):

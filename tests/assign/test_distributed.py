@@ -29,9 +29,8 @@ import torch.multiprocessing as mp
 
 import dw_d2.modeling.meta_arch as meta_arch
 
-from test_model import image_input, tiny_model
-from test_weighting_properties import (AA_INPUTS, DW_INPUTS, make_batch, run_aa, run_dw,
-                                       with_leaves)
+from tests.helpers import (AA_INPUTS, DW_INPUTS, image_input, make_batch, run_aa, run_dw,
+                           tiny_model, with_leaves)
 
 WORLD_SIZE = 2
 # Seconds to wait for a worker's result, and the gloo collective timeout: a failing worker

@@ -7,9 +7,8 @@ import sys
 import pytest
 import torch
 
-from tool_modules import REPO, load_tool
-
-bench = load_tool("benchmark")
+from tests.helpers import REPO
+from tools import benchmark as bench
 
 ROW_KEYS = {
     "section", "measure", "subject", "value", "unit", "baseline", "baseline_value", "ratio",

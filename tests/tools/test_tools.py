@@ -1,9 +1,8 @@
 """The user-facing tools: compare.py's table, plot_curves.py, demo.py, visualize_assignment.py,
 the FCOS baseline and the pictures of a finished run."""
-import importlib.util
+import importlib
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,18 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-BUILTIN_DW_CONFIG = REPO / "configs" / "Builtin" / "dw_R_18_FPN_shapes.yaml"
-BUILTIN_AUTOASSIGN_CONFIG = REPO / "configs" / "Builtin" / "autoassign_R_18_FPN_shapes.yaml"
+from tests.helpers import BUILTIN_CONFIGS, BUILTIN_DW_CONFIG, REPO
+
+BUILTIN_AUTOASSIGN_CONFIG = BUILTIN_CONFIGS / "autoassign_R_18_FPN_shapes.yaml"
 
 
 def load_tool(name):
-    """Import tools/<name>.py as a module (tools/ is not a package)."""
-    path = REPO / "tools" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"dw_d2_tool_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The module ``tools/<name>.py``."""
+    return importlib.import_module(f"tools.{name}")
 
 
 def png_size(path):

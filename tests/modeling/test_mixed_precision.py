@@ -2,8 +2,7 @@
 import pytest
 import torch
 
-from test_model import image_input, tiny_model
-from test_train_net import REPO, TINY, run_train_net
+from tests.helpers import BUILTIN_CONFIGS, TINY, image_input, run_train_net, tiny_model
 
 BOXES = [(8.0, 10.0, 60.0, 50.0), (30.0, 20.0, 90.0, 70.0)]
 
@@ -28,7 +27,7 @@ def test_bfloat16_autocast_training_step_on_cpu(assigner):
 @pytest.mark.parametrize("config_name", ["dw_R_18_FPN_shapes", "autoassign_R_18_FPN_shapes"])
 def test_amp_training_on_cuda(tmp_path, config_name):
     out = tmp_path / "run"
-    run_train_net("--config-file", REPO / "configs" / "Builtin" / f"{config_name}.yaml", *TINY,
+    run_train_net("--config-file", BUILTIN_CONFIGS / f"{config_name}.yaml", *TINY,
                   "MODEL.DEVICE", "cuda", "SOLVER.AMP.ENABLED", True, "SOLVER.MAX_ITER", 5,
                   "OUTPUT_DIR", out, "DATASETS.TEST", "()")
     assert (out / "model_final.pth").exists()

@@ -2,9 +2,7 @@
 import pytest
 import torch
 
-from tool_modules import load_tool
-
-reference = load_tool("reference_weighting")
+from tools import reference_weighting as reference
 
 
 def _leaves(case, score_key):

@@ -1,11 +1,11 @@
 """train_net.py end to end on the built-in dataset: train, evaluate, resume; start-up checks;
 what a non-finite loss leaves behind."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+import train_net
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
@@ -18,40 +18,9 @@ from dw_d2 import add_dw_config
 from dw_d2.data import prepare_dataset
 from dw_d2.engine import NONFINITE_CHECKPOINT, Trainer, num_classes_key
 from dw_d2.env import has_compiled_ops
+from tests.helpers import RETINANET_CONFIG, REPO, TINY, make_cfg, run_train_net
 
-REPO = Path(__file__).resolve().parents[1]
-RETINANET_CONFIG = REPO / "tests" / "configs" / "retinanet_shapes.yaml"
 BUILTIN = REPO / "configs" / "Builtin"
-
-# A few iterations of 2 small images: seconds on a 2-core CPU.
-TINY = ["SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TRAIN", "(80, 96)",
-        "INPUT.MAX_SIZE_TRAIN", "128", "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "128",
-        "SOLVER.BASE_LR", "0.002", "SOLVER.WARMUP_ITERS", "2", "SOLVER.STEPS", "(100,)",
-        "DATALOADER.NUM_WORKERS", "0", "MODEL.DEVICE", "cpu", "SEED", "3"]
-
-
-def _load_train_net():
-    spec = importlib.util.spec_from_file_location("train_net", REPO / "train_net.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_net = _load_train_net()
-
-
-def run_train_net(*argv):
-    args = default_argument_parser().parse_args([str(a) for a in argv])
-    return train_net.main(args)
-
-
-def make_cfg(config_file, output_dir, *opts):
-    cfg = get_cfg()
-    add_dw_config(cfg)
-    cfg.merge_from_file(str(config_file))
-    cfg.merge_from_list(TINY + ["OUTPUT_DIR", str(output_dir)] + [str(o) for o in opts])
-    cfg.freeze()
-    return cfg
 
 
 def _configs():
@@ -116,7 +85,7 @@ def test_train_then_eval_only_then_resume(tmp_path, config_file, val_subset):
 
 
 def test_evaluator_is_coco_on_the_official_path_writing_to_inference(tmp_path):
-    cfg = make_cfg(RETINANET_CONFIG, tmp_path)
+    cfg = make_cfg(RETINANET_CONFIG, tmp_path, *TINY)
     evaluator = Trainer.build_evaluator(cfg, "dw_shapes_val")
     assert isinstance(evaluator, COCOEvaluator)
     assert evaluator._output_dir == str(tmp_path / "inference")
@@ -154,7 +123,7 @@ def test_num_classes_key_follows_the_meta_architecture():
                                           reason="built-in DW config not written yet")),
 ])
 def test_num_classes_mismatch_names_both_values_and_the_dataset(tmp_path, config_file, key):
-    cfg = make_cfg(config_file, tmp_path, key, 5)
+    cfg = make_cfg(config_file, tmp_path, *TINY, key, 5)
     with pytest.raises(ValueError) as error:
         Trainer(cfg)
     message = str(error.value)
@@ -164,7 +133,7 @@ def test_num_classes_mismatch_names_both_values_and_the_dataset(tmp_path, config
 
 @pytest.mark.slow
 def test_nonfinite_loss_keeps_the_last_checkpoint_and_saves_the_failing_state(tmp_path):
-    cfg = make_cfg(RETINANET_CONFIG, tmp_path, "SOLVER.MAX_ITER", 5,
+    cfg = make_cfg(RETINANET_CONFIG, tmp_path, *TINY, "SOLVER.MAX_ITER", 5,
                    "SOLVER.CHECKPOINT_PERIOD", 2, "DATASETS.TEST", "()")
     seed_all_rng(cfg.SEED)
     trainer = Trainer(cfg)

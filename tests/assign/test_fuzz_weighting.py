@@ -22,7 +22,7 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from test_weighting_properties import AA_INPUTS, DW_INPUTS, make_points, run_aa, run_dw, with_leaves
+from tests.helpers import AA_INPUTS, DW_INPUTS, make_points, run_aa, run_dw, with_leaves
 
 MAX_IMAGE_SIZE = 160
 MAX_GT_PER_IMAGE = 6
@@ -136,7 +136,7 @@ def random_distances(points, strides, gt_boxes, mode, generator):
 
 @st.composite
 def fuzz_batches(draw):
-    """A batch in the layout of ``test_weighting_properties.make_batch``, plus a GT
+    """A batch in the layout of ``tests.helpers.make_batch``, plus a GT
     permutation per image."""
     height, width = draw(st.integers(8, MAX_IMAGE_SIZE)), draw(st.integers(8, MAX_IMAGE_SIZE))
     num_classes = draw(st.integers(1, MAX_CLASSES))

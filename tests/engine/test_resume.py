@@ -4,16 +4,12 @@ Fast tests check the resumable sampler and loader on their own; the slow ones tr
 detector, "kill" it between two checkpoints and resume it, and compare with a run that was
 never interrupted.
 """
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.engine import HookBase
 from detectron2.utils.env import seed_all_rng
 
-from dw_d2 import add_dw_config
 from dw_d2.data import (
     ResumableBatchSampler,
     ResumableTrainLoader,
@@ -21,25 +17,14 @@ from dw_d2.data import (
     build_resumable_train_loader,
 )
 from dw_d2.engine import Trainer
+from tests.helpers import BUILTIN_DW_CONFIG, RETINANET_CONFIG, make_cfg
 
-REPO = Path(__file__).resolve().parents[1]
-RETINANET_CONFIG = REPO / "tests" / "configs" / "retinanet_shapes.yaml"
-DW_CONFIG = REPO / "configs" / "Builtin" / "dw_R_18_FPN_shapes.yaml"
 
 # Small enough for a 2-core CPU: a few iterations of 2 images of about 96 px.
 TINY = ["SOLVER.IMS_PER_BATCH", 2, "INPUT.MIN_SIZE_TRAIN", (80, 96), "INPUT.MAX_SIZE_TRAIN", 128,
         "SOLVER.BASE_LR", 0.002, "SOLVER.WARMUP_ITERS", 2, "SOLVER.STEPS", (3,),
         "SOLVER.MAX_ITER", 5, "SOLVER.CHECKPOINT_PERIOD", 2, "DATALOADER.NUM_WORKERS", 0,
         "DATASETS.TEST", (), "MODEL.DEVICE", "cpu", "SEED", 7]
-
-
-def make_cfg(config_file, output_dir, *opts):
-    cfg = get_cfg()
-    add_dw_config(cfg)
-    cfg.merge_from_file(str(config_file))
-    cfg.merge_from_list(TINY + ["OUTPUT_DIR", str(output_dir)] + list(opts))
-    cfg.freeze()
-    return cfg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,7 +120,7 @@ def test_loader_order_does_not_depend_on_worker_processes():
 
 
 def test_other_training_samplers_are_refused_by_name(tmp_path):
-    cfg = make_cfg(RETINANET_CONFIG, tmp_path, "DATALOADER.SAMPLER_TRAIN",
+    cfg = make_cfg(RETINANET_CONFIG, tmp_path, *TINY, "DATALOADER.SAMPLER_TRAIN",
                    "RepeatFactorTrainingSampler")
     with pytest.raises(ValueError, match="RepeatFactorTrainingSampler"):
         build_resumable_train_loader(cfg)
@@ -195,8 +180,8 @@ def _train(cfg, *, resume=False, kill_at=None):
 def _resume_configs():
     params = [pytest.param(RETINANET_CONFIG, id="retinanet")]
     params.append(pytest.param(
-        DW_CONFIG, id="dw",
-        marks=pytest.mark.skipif(not DW_CONFIG.exists(), reason=f"{DW_CONFIG} not written yet"),
+        BUILTIN_DW_CONFIG, id="dw",
+        marks=pytest.mark.skipif(not BUILTIN_DW_CONFIG.exists(), reason=f"{BUILTIN_DW_CONFIG} not written yet"),
     ))
     return params
 
@@ -204,9 +189,9 @@ def _resume_configs():
 @pytest.mark.slow
 @pytest.mark.parametrize("config_file", _resume_configs())
 def test_killed_and_resumed_run_matches_uninterrupted_run(tmp_path, config_file):
-    reference, _, reference_inputs = _train(make_cfg(config_file, tmp_path / "uninterrupted"))
+    reference, _, reference_inputs = _train(make_cfg(config_file, tmp_path / "uninterrupted", *TINY))
 
-    cfg = make_cfg(config_file, tmp_path / "killed")
+    cfg = make_cfg(config_file, tmp_path / "killed", *TINY)
     # A checkpoint after iteration 1; killed before iteration 3 ran. The resumed run redoes
     # iteration 2, then crosses the LR step at 3.
     _, _, killed_inputs = _train(cfg, kill_at=3)
@@ -236,7 +221,7 @@ def test_killed_and_resumed_run_matches_uninterrupted_run(tmp_path, config_file)
 
 @pytest.mark.slow
 def test_random_seed_is_saved_and_reused_on_resume(tmp_path):
-    cfg = make_cfg(RETINANET_CONFIG, tmp_path, "SEED", -1, "SOLVER.MAX_ITER", 1)
+    cfg = make_cfg(RETINANET_CONFIG, tmp_path, *TINY, "SEED", -1, "SOLVER.MAX_ITER", 1)
     first, _, _ = _train(cfg)
     saved = torch.load(tmp_path / "model_final.pth", weights_only=False)
     assert saved["trainer"]["train_loader"]["seed"] == first.train_loader.seed

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from dw_d2.engine import EvaluationCheckpointer
-from test_model import tiny_model
+from tests.helpers import tiny_model
 
 
 def save_checkpoint(model, path):

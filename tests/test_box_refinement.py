@@ -1,7 +1,4 @@
 """DW box refinement against the official head's outputs (shared/golden/dw_refine_*.pt)."""
-import os
-from pathlib import Path
-
 import pytest
 import torch
 from torchvision.ops import deform_conv2d
@@ -12,10 +9,8 @@ from dw_d2.box_refinement import (
     edge_sampling_offsets,
     sample_bilinear_per_channel,
 )
+from tests.helpers import GOLDEN_DIR
 
-GOLDEN_DIR = Path(
-    os.environ.get("DW_D2_GOLDEN", Path(__file__).resolve().parents[2] / "shared" / "golden")
-)
 REFINE_CASES = sorted(GOLDEN_DIR.glob("dw_refine_*.pt"))
 RTOL = 1e-9
 

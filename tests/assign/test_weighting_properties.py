@@ -1,69 +1,11 @@
 """Properties of the DW and AutoAssign weighting losses beyond the golden cases."""
-import math
-
 import pytest
 import torch
 
-from dw_d2 import autoassign_loss, dual_weighting_loss
+from tests.helpers import AA_INPUTS, DW_INPUTS, make_batch, run_aa, run_dw, with_leaves
 
-STRIDES = (8, 16, 32, 64, 128)
 DW_LOSSES = ("loss_cls_pos", "loss_loc", "loss_cls_neg")
 AA_LOSSES = ("loss_pos", "loss_neg", "loss_center")
-
-
-def make_points(height, width, offset):
-    points, strides = [], []
-    for stride in STRIDES:
-        h, w = math.ceil(height / stride), math.ceil(width / stride)
-        y, x = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-        xy = torch.stack((x.reshape(-1), y.reshape(-1)), 1)
-        points.append((xy + offset) * stride)
-        strides.append(torch.full((h * w,), float(stride)))
-    return torch.cat(points).double(), torch.cat(strides).double()
-
-
-def make_batch(seed=0, gt_per_image=(3, 2), num_classes=4, size=(64, 96), offset=0.5):
-    """A small random batch in float64 (2 images 64x96 by default, 129 points)."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def uniform(*shape):
-        return torch.rand(*shape, generator=generator, dtype=torch.float64)
-
-    def normal(*shape):
-        return torch.randn(*shape, generator=generator, dtype=torch.float64)
-
-    points, strides = make_points(*size, offset)
-    num_images, num_points = len(gt_per_image), points.shape[0]
-    gt_boxes, gt_classes = [], []
-    for count in gt_per_image:
-        centre = uniform(count, 2) * torch.tensor(size[::-1])
-        half = 8 + uniform(count, 2) * 24
-        gt_boxes.append(torch.cat((centre - half, centre + half), 1))
-        gt_classes.append(torch.randint(num_classes, (count,), generator=generator))
-    batch = {
-        "points": points,
-        "strides": strides,
-        "cls_logits": normal(num_images, num_points, num_classes),
-        "box_dists": uniform(num_images, num_points, 4) * strides[None, :, None] * 3,
-        "score_logits": normal(num_images, num_points, 1),
-        "gt_boxes": gt_boxes,
-        "gt_classes": gt_classes,
-        "prior_mean": 0.3 * normal(num_classes, 2),
-        "prior_sigma": 0.5 + uniform(num_classes, 2),
-    }
-    return batch
-
-
-def run_dw(batch, **hyper):
-    return dual_weighting_loss(batch["points"], batch["strides"], batch["cls_logits"],
-                               batch["box_dists"], batch["score_logits"], batch["gt_boxes"],
-                               batch["gt_classes"], **hyper)
-
-
-def run_aa(batch, **hyper):
-    return autoassign_loss(batch["points"], batch["strides"], batch["cls_logits"],
-                           batch["box_dists"], batch["score_logits"], batch["gt_boxes"],
-                           batch["gt_classes"], batch["prior_mean"], batch["prior_sigma"], **hyper)
 
 
 def image_batch(batch, index):
@@ -71,13 +13,6 @@ def image_batch(batch, index):
     dense = {k: batch[k][index:index + 1] for k in ("cls_logits", "box_dists", "score_logits")}
     return dict(batch, **dense, gt_boxes=batch["gt_boxes"][index:index + 1],
                 gt_classes=batch["gt_classes"][index:index + 1])
-
-
-def with_leaves(batch, names):
-    batch = dict(batch)
-    for name in names:
-        batch[name] = batch[name].clone().requires_grad_()
-    return batch
 
 
 def grad_norms(loss, batch, names):
@@ -92,8 +27,6 @@ def grad_norms(loss, batch, names):
 # --------------------------------------------------------------------------------------------
 # Gradient paths
 # --------------------------------------------------------------------------------------------
-DW_INPUTS = ("cls_logits", "box_dists", "score_logits")
-AA_INPUTS = ("cls_logits", "box_dists", "score_logits", "prior_mean", "prior_sigma")
 BOTH_SCHEMES = [(run_dw, DW_INPUTS), (run_aa, AA_INPUTS)]
 
 

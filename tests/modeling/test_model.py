@@ -1,53 +1,16 @@
 """DWDetector, DWHead, the backbone, the centre prior and the points, on tiny models."""
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
 
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
-from detectron2.structures import Boxes, ImageList, Instances
+from detectron2.structures import ImageList
 
 from dw_d2 import add_dw_config, refine_box_distances
 from dw_d2.modeling import CenterPrior, DWDetector, DWHead, PointGrid
-
-REPO = Path(__file__).resolve().parents[1]
-BUILTIN_CONFIG = REPO / "configs" / "Builtin" / "dw_R_18_FPN_shapes.yaml"
-GOLDEN_DIR = Path(
-    os.environ.get("DW_D2_GOLDEN", Path(__file__).resolve().parents[2] / "shared" / "golden")
-)
-NUM_CLASSES = 4
-
-
-def tiny_cfg(*overrides):
-    """The built-in DW config, shrunk so that a model builds and runs in well under a second."""
-    cfg = get_cfg()
-    add_dw_config(cfg)
-    cfg.merge_from_file(str(BUILTIN_CONFIG))
-    cfg.merge_from_list([
-        "MODEL.DEVICE", "cpu",
-        "MODEL.FPN.OUT_CHANNELS", 64,
-        "MODEL.DW.NUM_CONVS", 1,
-        "MODEL.DW.NUM_CLASSES", NUM_CLASSES,
-        *overrides,
-    ])
-    return cfg
-
-
-def tiny_model(*overrides, seed=0):
-    torch.manual_seed(seed)
-    return build_model(tiny_cfg(*overrides))
-
-
-def image_input(height, width, boxes=(), classes=(), seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    image = torch.randint(0, 256, (3, height, width), generator=generator).float()
-    instances = Instances((height, width))
-    instances.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
-    instances.gt_classes = torch.tensor(classes, dtype=torch.int64)
-    return {"image": image, "instances": instances, "height": height, "width": width}
+from tests.helpers import GOLDEN_DIR, NUM_CLASSES, REPO, image_input, tiny_cfg, tiny_model
 
 
 def test_builtin_config_builds_the_dw_detector():
