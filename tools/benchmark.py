@@ -7,7 +7,7 @@ weighting
     DW and AutoAssign weighting + loss, forward and forward + backward, at COCO-like sizes
     (an 800x1333 input padded to 800x1344: 22,400 points over strides 8-128; 80 classes;
     2 images; 1, 10, 50 and 100 GT boxes per image): ``dw_d2``'s vectorised functions
-    against the per-GT-loop reference of ``tools/reference_weighting.py`` (the official
+    against the per-GT-loop reference of :mod:`dw_d2.assign.reference` (the official
     code's approach). Both run on the same inputs in the same process; the table reports
     their largest relative difference (losses and input gradients), in the benchmark's dtype
     and, at one GT count, in float64.
@@ -34,7 +34,6 @@ Examples::
     python tools/benchmark.py --device cuda --backbone R-50 --det-size 800 1333  # COCO scale
 """
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -176,21 +175,11 @@ def as_dtype(leaves, fixed, dtype):
                  gt_boxes=[b.to(dtype) for b in fixed["gt_boxes"]]))
 
 
-def load_reference():
-    """``tools/reference_weighting.py``, loaded by path: it is a tool, not a package module."""
-    spec = importlib.util.spec_from_file_location(
-        "reference_weighting", REPO / "tools" / "reference_weighting.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def weighting_functions(scheme):
     """(dw_d2's function, the per-GT-loop reference) of a scheme."""
     import dw_d2
+    from dw_d2.assign import reference
 
-    reference = load_reference()
     if scheme == "DW":
         return dw_d2.dual_weighting_loss, reference.reference_dual_weighting_loss
     return dw_d2.autoassign_loss, reference.reference_autoassign_loss

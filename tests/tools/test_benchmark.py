@@ -47,7 +47,8 @@ def test_weighting_inputs_exercise_both_negative_branches():
     assert leaves["cls_logits"].shape == (2, len(fixed["points"]), 5)
     assert leaves["box_dists"].min() >= 0
     assert [len(b) for b in fixed["gt_boxes"]] == [6, 6]
-    reference = bench.load_reference()
+    from dw_d2.assign import reference
+
     out = reference.reference_dual_weighting_loss(
         fixed["points"], fixed["strides"], leaves["cls_logits"], leaves["box_dists"],
         leaves["score_logits"], fixed["gt_boxes"], fixed["gt_classes"], return_intermediates=True,

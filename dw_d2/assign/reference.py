@@ -1,17 +1,21 @@
-"""Straightforward reference implementations of the DW and AutoAssign losses.
+"""The slow oracle: DW and AutoAssign losses computed one image and one GT box at a time.
 
-This is the "reference approach" the benchmark (``tools/benchmark.py``) compares ``dw_d2``'s
-vectorised weighting functions against. It is written the way the official implementations
-(strongwolf/DW ``DWHead``, MMDetection 2.x ``AutoAssignHead``) organise the computation:
+This module is the test oracle of :func:`dw_d2.dual_weighting_loss` and
+:func:`dw_d2.autoassign_loss`, and the baseline that ``tools/benchmark.py`` times them against
+(the "per-GT-loop" approach). It is written the way the official implementations (the DW
+authors' ``DWHead``, MMDetection 2.x's ``AutoAssignHead``) organise the computation, and is
+kept deliberately plain, with no speed tricks, so that it is easy to check by eye:
 
-* a Python loop over the images of the batch,
-* dense ``(R, M)`` point-by-GT tensors per image (candidate mask, centre prior, IoU, GIoU loss),
-* a Python loop over the GT boxes of an image for the per-GT negative-weight normalisation and
-  for writing those weights into the ``(R, C)`` negative-weight map.
+* a Python loop over the images of the batch;
+* dense ``(R, M)`` point-by-GT tensors per image (candidate mask, centre prior, IoU, GIoU);
+* a Python loop over the GT boxes of an image for the per-GT normalisation of the negative
+  weights and for writing them into the ``(R, C)`` negative-weight map.
 
-It follows the formulas of ``shared/DESIGN.md`` section 2 and every quirk listed in the golden
-README (section "Quirks"), so in float64 it reproduces the golden cases, which makes it a known
-right yard-stick. It is a tool, not part of the package: ``dw_d2`` never imports it.
+It replicates the official code's quirks that the fast functions replicate too (each is
+explained where it is applied: BCE on probabilities with its log clamp, strict candidates,
+the float32 rounding of DW's negative normaliser, AutoAssign's best IoU over all GT boxes, the
+zero losses without GT boxes, ...), so that in float64 it reproduces the official reference
+cases, gradients included, to rounding. Nothing in the training path imports it.
 
 Both functions take the same arguments as their ``dw_d2`` counterparts:
 
@@ -25,19 +29,21 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .common import DUPLICATE_RULES
+
 # Clamp of the official code's normalisers (``EPS`` in both official heads).
 EPS = 1e-12
 # mmdet's IoU/GIoU guard on the union and the enclosing area.
 BOX_EPS = 1e-6
-
-DUPLICATE_RULES = ("last_gt", "min")
 
 
 # --------------------------------------------------------------------------------------------
 # Shared pieces
 # --------------------------------------------------------------------------------------------
 def _bce(prob, target_value):
-    """Element-wise ``F.binary_cross_entropy`` on probabilities (log clamped at -100, C1)."""
+    """Element-wise ``F.binary_cross_entropy`` on probabilities, as every official loss term:
+    torch clamps its log at -100, so saturated scores give 100, not infinity (nor the value of a
+    BCE-with-logits formulation)."""
     return F.binary_cross_entropy(prob, torch.full_like(prob, target_value), reduction="none")
 
 
@@ -59,7 +65,8 @@ def _decode(points, dists):
 
 
 def _aligned_iou_and_giou(pred, target):
-    """IoU and GIoU of aligned (K, 4) XYXY boxes, with mmdet 2.x's eps placement (C3)."""
+    """IoU and GIoU of aligned (K, 4) XYXY boxes, as mmdet 2.x's ``bbox_overlaps``: union and
+    enclosing area clamped below at 1e-6, ``GIoU = IoU - (enclose - union) / enclose``."""
     area_pred = (pred[:, 2] - pred[:, 0]) * (pred[:, 3] - pred[:, 1])
     area_target = (target[:, 2] - target[:, 0]) * (target[:, 3] - target[:, 1])
     inter_wh = (torch.min(pred[:, 2:], target[:, 2:]) - torch.max(pred[:, :2], target[:, :2]))
@@ -86,7 +93,9 @@ def _gt_distance_targets(points, boxes):
 
 
 def _center_prior(points, strides, boxes, classes, prior_mean, prior_sigma):
-    """(R, M) Gaussian centre prior of every point for every GT box (C4), not yet masked."""
+    """(R, M) Gaussian centre prior of every point for every GT box, not yet masked:
+    ``prod_xy exp(-((p - c) / s - mean_c)^2 / (2 sigma_c^2))`` with c the box centre and s the
+    point's stride."""
     centers = torch.stack(((boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2), 1)
     in_strides = (points[:, None, :] - centers[None]) / strides[:, None, None]
     offsets = (in_strides - prior_mean[classes][None]) ** 2
@@ -96,8 +105,11 @@ def _center_prior(points, strides, boxes, classes, prior_mean, prior_sigma):
 def _pairwise_box_terms(points, box_dists, boxes):
     """Point-by-GT box terms of one image.
 
-    Returns ``inside`` (R, M) bool (strictly inside, C2), ``iou`` (R, M) without gradient,
-    ``giou`` (R, M) with gradient, both computed on decoded boxes for every (r, m) pair (C3).
+    Returns ``inside`` (R, M) bool (strictly inside: a point on an edge is no candidate),
+    ``iou`` (R, M) without gradient and ``giou`` (R, M) with gradient, for every (r, m) pair.
+    Both compare decoded boxes, as the official heads do: the prediction
+    ``(x - l, y - t, x + r, y + b)`` and the GT box encoded as distances from the point and
+    decoded again (which can differ from the stored box in the last bit).
     """
     num_points, num_gts = points.shape[0], boxes.shape[0]
     targets = _gt_distance_targets(points, boxes)
@@ -114,7 +126,11 @@ def _pairwise_box_terms(points, box_dists, boxes):
 
 
 def _write_negative_weight(neg_weight, written, rows, column, values, duplicate_rule):
-    """Write one GT's negative weights into its class column (C5 for duplicates).
+    """Write one GT's negative weights into its class column.
+
+    A point inside two GT boxes of the same class is written twice. The official code does it
+    with one advanced-index assignment whose indices repeat, which is formally undefined; on
+    the CPU the highest GT index wins.
 
     "last_gt": later GT boxes overwrite earlier ones, i.e. the highest GT index wins, as the
     official scatter does on the CPU. "min": the smallest weight over the GT boxes of that class
@@ -174,10 +190,12 @@ def reference_dual_weighting_loss(
 ):
     """DW losses, one image and one GT box at a time.
 
-    Args: see the module docstring; hyper-parameters mirror ``MODEL.DW.*``.
+    Args: see the module docstring; hyper-parameters mirror ``MODEL.ASSIGNER.DW.*``.
         round_neg_normaliser_to_float32: replicate the official ``.float()`` on the summed
-            negative normaliser (D9); a no-op in float32.
-        return_intermediates: also return, per image, the dense tensors the golden files store.
+            negative normaliser (the official code calls ``.float()`` on it, which rounds a
+            float64 run's normaliser); a no-op in float32.
+        return_intermediates: also return, per image, the dense intermediate tensors (the
+            keys of the official reference cases).
 
     Returns:
         dict with 0-dim ``loss_cls_pos``, ``loss_loc``, ``loss_cls_neg`` (and ``per_image``, a
@@ -188,7 +206,8 @@ def reference_dual_weighting_loss(
     num_classes = cls_logits.shape[-1]
     prior_mean = cls_logits.new_zeros(num_classes, 2)
     prior_sigma = cls_logits.new_full((num_classes, 2), center_prior_sigma)
-    # t(x) = (x^2 - 1) / (thr^2 - 1): 1 at the IoU threshold, 0 at IoU 1 (D5).
+    # t(x) = (x^2 - 1) / (thr^2 - 1): 1 at the IoU threshold, 0 at IoU 1; computed as the
+    # official code does, x^2 / (thr^2 - 1) - 1 / (thr^2 - 1).
     denominator = neg_iou_thresh ** 2 - 1
 
     cls_pos_sums, loc_sums, neg_sums, neg_factors, per_image = [], [], [], [], []
@@ -296,7 +315,7 @@ def reference_autoassign_loss(
     """AutoAssign losses, one image and one GT box at a time (MMDetection 2.25 behaviour).
 
     Args: see the module docstring; ``prior_mean`` / ``prior_sigma`` (C, 2) are the learnable
-        centre-prior parameters; hyper-parameters mirror ``MODEL.AUTOASSIGN.*``.
+        centre-prior parameters; hyper-parameters mirror ``MODEL.ASSIGNER.AUTOASSIGN.*``.
 
     Returns:
         dict with 0-dim ``loss_pos``, ``loss_neg``, ``loss_center`` (and ``per_image`` when
@@ -311,12 +330,14 @@ def reference_autoassign_loss(
         inside, iou, giou = _pairwise_box_terms(points, box_dists[i], boxes)
         prior = _center_prior(points, strides, boxes, classes, prior_mean, prior_sigma)
         if force_topk:
-            # GT boxes that contain no point take their top-k points by centre prior (A10).
+            # MMDetection's force_topk: GT boxes that contain no point take their top-k points
+            # by centre prior, computed over all points.
             for m in range(num_gts):
                 if not inside[:, m].any():
                     inside[prior[:, m].topk(topk).indices, m] = True
         prior = prior.masked_fill(~inside, 0)
-        # The negative weight uses each point's best IoU over all GT boxes (A5).
+        # The negative weight uses each point's best IoU over all GT boxes of the image, not
+        # only those it is a candidate of (MMDetection's choice, kept for equal numbers).
         if num_gts:
             iou = iou.max(dim=1, keepdim=True).values.expand(-1, num_gts)
         iou = iou.masked_fill(~inside, 0)
@@ -371,7 +392,8 @@ def reference_autoassign_loss(
     pos_normaliser = _mean_over_workers(cls_logits.new_tensor(float(total_gts))).clamp(min=1)
     neg_normaliser = _mean_over_workers(sum(prior_sums)).clamp(min=1)
     if total_gts == 0:
-        # Zero-valued losses that still touch every parameter, as the official code does (A9).
+        # Zero-valued losses that still touch every parameter, as the official code does, so
+        # that distributed training does not wait for their gradients.
         loss_pos = box_dists[0].sum() * 0
         loss_center = obj_logits[0].sum() * 0 + prior_mean.sum() * 0 + prior_sigma.sum() * 0
     else:

@@ -1,8 +1,8 @@
-"""The benchmark's per-GT-loop reference reproduces the official code's golden cases."""
+"""The per-GT-loop oracle (dw_d2.assign.reference) reproduces the official code's golden cases."""
 import pytest
 import torch
 
-from tools import reference_weighting as reference
+from dw_d2.assign import reference
 
 
 def _leaves(case, score_key):
