@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .common import DUPLICATE_RULES
+from .pipeline import DUPLICATE_RULES
 
 # Clamp of the official code's normalisers (``EPS`` in both official heads).
 EPS = 1e-12

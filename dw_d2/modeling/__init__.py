@@ -3,7 +3,7 @@ from .backbone import build_dw_resnet_fpn_backbone
 from .center_prior import CenterPrior
 from .head import DWHead
 from .meta_arch import DWDetector
-from .points import PointGrid, level_points
+from ..points import PointGrid, level_points
 
 __all__ = [
     "DWDetector",

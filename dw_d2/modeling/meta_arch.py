@@ -11,11 +11,11 @@ from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.structures import Boxes, ImageList, Instances
 
 from ..assign import autoassign_loss, dual_weighting_loss
-from ..assign.common import DUPLICATE_RULES
+from ..assign.pipeline import DUPLICATE_RULES
 from ..box_refinement import refine_box_distances
 from .center_prior import CenterPrior
 from .head import DWHead
-from .points import PointGrid
+from ..points import PointGrid
 
 __all__ = ["DWDetector", "ASSIGNERS", "DUPLICATE_RULES"]
 
@@ -193,7 +193,8 @@ class DWDetector(DenseDetector):
     def points(self, features: List[Tensor], dtype) -> Tuple[Tensor, Tensor]:
         """(R, 2) points and (R,) strides of all levels, for these feature-map sizes."""
         sizes = [tuple(f.shape[-2:]) for f in features]
-        return self.point_grid(sizes, dtype=dtype, device=features[0].device)
+        layout = self.point_grid(sizes, dtype=dtype, device=features[0].device)
+        return layout.points, layout.strides
 
     def forward_training(self, images: ImageList, features, predictions, gt_instances,
                          return_weights: bool = False):

@@ -2,7 +2,9 @@
 import pytest
 import torch
 
-from dw_d2.assign.pairs import _point_grids, concat_ground_truth, find_candidate_pairs
+from dw_d2.assign.candidates import (add_topk_pairs_for_empty_boxes, concat_ground_truth,
+                                     find_candidate_pairs)
+from dw_d2.points import PointLayout, recognise_point_layout
 
 LEVELS = [(8, (12, 17)), (16, (6, 9)), (32, (3, 5)), (64, (2, 3)), (128, (1, 2))]
 
@@ -31,7 +33,8 @@ def random_boxes(generator, count, dtype, fractional):
 @pytest.mark.parametrize("offset", [0.0, 0.5])
 def test_grid_search_equals_dense_test(dtype, offset):
     points, strides = grid_points(offset, dtype)
-    assert _point_grids(points, strides) is not None
+    layout = recognise_point_layout(points, strides)
+    assert layout.level_shapes == tuple(shape for _, shape in LEVELS)
     generator = torch.Generator().manual_seed(0)
     for trial in range(150):
         count = int(torch.randint(0, 8, (1,), generator=generator))
@@ -40,8 +43,8 @@ def test_grid_search_equals_dense_test(dtype, offset):
         gt = concat_ground_truth([boxes[:split], boxes[split:]],
                                  [torch.zeros(split, dtype=torch.long),
                                   torch.zeros(count - split, dtype=torch.long)], dtype, points.device)
-        grid = find_candidate_pairs(points, gt, strides)
-        dense = find_candidate_pairs(points, gt)
+        grid = find_candidate_pairs(layout, gt)
+        dense = find_candidate_pairs(PointLayout(points, strides), gt)
         assert torch.equal(grid.gt, dense.gt) and torch.equal(grid.point, dense.point), trial
         assert torch.equal(grid.image, dense.image), trial
 
@@ -49,20 +52,20 @@ def test_grid_search_equals_dense_test(dtype, offset):
 def test_points_that_are_not_a_grid_use_the_dense_test():
     points, strides = grid_points(0.5, torch.float64)
     order = torch.randperm(len(points), generator=torch.Generator().manual_seed(0))
-    assert _point_grids(points[order], strides) is None
+    assert recognise_point_layout(points[order], strides).level_shapes is None
 
 
 def test_pair_counts_per_gt_and_per_image_match_the_pairs():
-    from dw_d2.assign.pairs import add_topk_pairs_for_empty_boxes
     points, strides = grid_points(0.5, torch.float32)
     boxes = torch.tensor([[10.0, 12.0, 90.0, 70.0], [0.0, 0.0, 5.0, 5.0], [40.0, 30.0, 41.0, 31.0],
                           [20.0, 5.0, 120.0, 100.0]])
     gt = concat_ground_truth([boxes[:2], boxes[2:]], [torch.tensor([0, 1]), torch.tensor([1, 0])],
                              torch.float32, "cpu")
-    for pairs in (find_candidate_pairs(points, gt, strides), find_candidate_pairs(points, gt)):
+    for layout in (recognise_point_layout(points, strides), PointLayout(points, strides)):
+        pairs = find_candidate_pairs(layout, gt)
         assert torch.equal(pairs.per_gt, torch.bincount(pairs.gt, minlength=gt.num_boxes))
         assert torch.equal(pairs.per_image, torch.bincount(pairs.image, minlength=2))
-        forced = add_topk_pairs_for_empty_boxes(pairs, points, strides, gt, torch.zeros(2, 2),
+        forced = add_topk_pairs_for_empty_boxes(pairs, layout, gt, torch.zeros(2, 2),
                                                 torch.ones(2, 2), topk=3)
         assert torch.equal(forced.per_gt, torch.bincount(forced.gt, minlength=gt.num_boxes))
         assert torch.equal(forced.per_image, torch.bincount(forced.image, minlength=2))

@@ -9,8 +9,8 @@ from detectron2.modeling import build_model
 from detectron2.structures import ImageList
 
 from dw_d2 import add_dw_config, refine_box_distances
-from dw_d2.modeling import CenterPrior, DWDetector, DWHead, PointGrid
-from tests.helpers import GOLDEN_DIR, NUM_CLASSES, REPO, image_input, tiny_cfg, tiny_model
+from dw_d2.modeling import CenterPrior, DWDetector, DWHead
+from tests.helpers import NUM_CLASSES, REPO, image_input, tiny_cfg, tiny_model
 
 
 def test_builtin_config_builds_the_dw_detector():
@@ -147,23 +147,6 @@ def test_point_offset_defaults_per_scheme_and_can_be_set():
     assert tiny_model("MODEL.DW.ASSIGNER", "AutoAssign").point_offset == 0.0
     assert tiny_model("MODEL.DW.ASSIGNER", "autoassign").assigner == "AutoAssign"
     assert tiny_model("MODEL.DW.POINT_OFFSET", 0.25).point_offset == 0.25
-
-
-@pytest.mark.skipif(not GOLDEN_DIR.is_dir(), reason=f"golden folder {GOLDEN_DIR} is absent")
-@pytest.mark.parametrize("case", ["dw_loss_02.pt", "autoassign_loss_01.pt"])
-def test_points_match_the_official_generator(case):
-    golden = torch.load(GOLDEN_DIR / case, weights_only=True)
-    grid = PointGrid(golden["strides"], golden["point_offset"])
-    points, strides = grid([tuple(s) for s in golden["featmap_sizes"]], dtype=torch.float64)
-    assert torch.equal(points, golden["points"])
-    assert torch.equal(strides, golden["point_strides"])
-
-
-def test_point_grid_caches_per_size():
-    grid = PointGrid([8, 16], 0.5)
-    first = grid([(2, 3), (1, 2)])
-    assert grid([(2, 3), (1, 2)])[0] is first[0]
-    assert grid([(4, 3), (2, 2)])[0].shape == (16, 2)
 
 
 def test_inference_output_format_and_rescaling():

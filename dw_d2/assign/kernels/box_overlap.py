@@ -1,5 +1,5 @@
-"""Aligned IoU / GIoU between predicted and GT boxes at candidate pairs, as the official heads
-compute them.
+"""IoU / GIoU between predicted and GT boxes, as the official heads compute them, with a
+hand-written backward, and AutoAssign's best IoU of a point over its image's GT boxes.
 
 The heads compare boxes decoded at the point: the prediction as ``(x - l, y - t, x + r, y + b)``
 and the GT box re-decoded from its own distance targets (``x - (x - x1)``, ...), which can
@@ -35,9 +35,10 @@ def redecode_boxes(x: Tensor, y: Tensor, boxes: Boxes) -> Tuple[Tensor, ...]:
 def aligned_iou_and_giou(boxes1: Boxes, boxes2: Boxes, eps: float) -> Tuple[Tensor, Tensor]:
     """IoU and generalised IoU of box pairs (4, ...) XYXY -> ((...), (...)), differentiable.
 
-    When only ``boxes1`` needs a gradient (predictions against GT boxes), one autograd node with a hand-written backward
-    replaces the ~25 of the op-by-op graph; it follows torch's rules, ties of ``min`` / ``max``
-    splitting the gradient in halves included.
+    When only ``boxes1`` needs a gradient (predictions against GT boxes), one autograd node
+    with a hand-written backward replaces the ~25 of the op-by-op graph; it follows torch's
+    rules, ties of ``min`` / ``max`` splitting the gradient in halves included. Otherwise the
+    plain op-by-op graph runs (same values).
     """
     if (torch.is_grad_enabled() and not any(b.requires_grad for b in boxes2)
             and any(b.requires_grad for b in boxes1)):
@@ -145,3 +146,103 @@ class _AlignedIoUAndGIoU(torch.autograd.Function):
             grads.append((grad_low, grad_high))
         (grad_x1, grad_x2), (grad_y1, grad_y2) = grads
         return grad_x1, grad_y1, grad_x2, grad_y2, None, None, None, None, None
+
+
+def best_iou_at_candidates(points: Tensor, box_dists: Tensor, pair_rows: Tensor,
+                           gt_boxes: Tensor, gt_counts, box_eps: float) -> Tensor:
+    """Per candidate pair, the IoU of the pair's prediction with the best-overlapping GT box of
+    its image, without gradient.
+
+    Only the points that are a candidate of some box are evaluated, against every GT box of
+    their image: O(candidate points x M_i) work.
+
+    Args:
+        points: (R, 2); box_dists: (N, R, 4) predicted distances.
+        pair_rows: (P,) the flat (image, point) row of each pair.
+        gt_boxes: (G, 4) the batch's GT boxes, image by image; gt_counts: M_i per image.
+    Returns:
+        (P,) the IoU, each value as :func:`aligned_iou_and_giou` computes it.
+    """
+    with torch.no_grad():
+        num_images, num_points = len(gt_counts), points.shape[0]
+        # The candidate points, ascending (so each image's are one slice), without a sort.
+        is_candidate = torch.zeros(num_images * num_points, dtype=torch.bool,
+                                   device=points.device)
+        is_candidate.index_fill_(0, pair_rows, True)
+        candidate_points = is_candidate.nonzero(as_tuple=True)[0]
+        position = torch.empty(num_images * num_points, dtype=torch.long, device=points.device)
+        position.index_copy_(0, candidate_points,
+                             torch.arange(candidate_points.shape[0], device=points.device))
+        points_per_image = is_candidate.view(num_images, num_points).sum(dim=1).tolist()
+        point_of_candidate = candidate_points % num_points
+        # A GT box re-decoded at a point depends only on the point's x (for x1, x2) and its y
+        # (for y1, y2): one value per distinct x or y (a few hundred on a grid), gathered.
+        column_x, column = torch.unique(points[:, 0], return_inverse=True)
+        row_y, row = torch.unique(points[:, 1], return_inverse=True)
+        predicted = decode_distances(
+            *points.index_select(0, point_of_candidate).t(),
+            box_dists.reshape(-1, 4).index_select(0, candidate_points).t())
+        best = [
+            _max_iou_with_boxes(column_x, row_y, columns, rows, prediction, boxes, box_eps)
+            for columns, rows, prediction, boxes in zip(
+                column.index_select(0, point_of_candidate).split(points_per_image),
+                row.index_select(0, point_of_candidate).split(points_per_image),
+                zip(*(c.split(points_per_image) for c in predicted)),
+                gt_boxes.split(list(gt_counts)))]
+        return torch.cat(best).index_select(0, position.index_select(0, pair_rows))
+
+
+# Point x box entries per block of the CPU max-IoU: its few buffers stay within L2.
+_CPU_BLOCK_ENTRIES = 1 << 17
+
+
+def _max_iou_with_boxes(column_x, row_y, columns, rows, predicted, boxes, eps):
+    """max_m IoU(predicted[u], boxes[m] re-decoded at point u) -> (U,), each value as
+    :func:`aligned_iou_and_giou` computes it.
+
+    The (U, M) products are evaluated a block of points at a time (all at once on CUDA), in
+    place, so that they stay in the cache.
+
+    Args:
+        column_x: (X,) distinct point x; row_y: (Y,) distinct point y.
+        columns, rows: (U,) the point's index into column_x and row_y.
+        predicted: 4 (U,) tensors, the predicted boxes XYXY.
+        boxes: (M, 4) the image's GT boxes, XYXY.
+    """
+    num_points, num_boxes = columns.shape[0], boxes.shape[0]
+    if num_points == 0 or num_boxes == 0:
+        return column_x.new_zeros(num_points)
+    pred_x1, pred_y1, pred_x2, pred_y2 = (c[:, None] for c in predicted)
+    pred_area = (pred_x2 - pred_x1) * (pred_y2 - pred_y1)
+    box_x1, box_y1, box_x2, box_y2 = boxes.t()
+    # (X, M) and (Y, M): the GT boxes as the head sees them (encoded as distances, decoded).
+    x, y = column_x[:, None], row_y[:, None]
+    column_x1, column_x2 = x - (x - box_x1), x + (box_x2 - x)
+    row_y1, row_y2 = y - (y - box_y1), y + (box_y2 - y)
+    column_w, row_h = column_x2 - column_x1, row_y2 - row_y1
+
+    if columns.device.type == "cpu":
+        points_per_block = max(1, _CPU_BLOCK_ENTRIES // num_boxes)
+    else:
+        points_per_block = num_points
+    best = column_x.new_empty(num_points)
+    buffers = [column_x.new_empty(min(points_per_block, num_points), num_boxes)
+               for _ in range(5)]
+    for start in range(0, num_points, points_per_block):
+        block = slice(start, start + points_per_block)
+        block_columns, block_rows = columns[block], rows[block]
+        x1, x2, y1, y2, area = (b[:block_columns.shape[0]] for b in buffers)
+        torch.index_select(column_x1, 0, block_columns, out=x1)
+        torch.index_select(column_x2, 0, block_columns, out=x2)
+        torch.index_select(row_y1, 0, block_rows, out=y1)
+        torch.index_select(row_y2, 0, block_rows, out=y2)
+        overlap_w = torch.minimum(pred_x2[block], x2, out=x2).sub_(
+            torch.maximum(pred_x1[block], x1, out=x1)).clamp_(min=0)
+        overlap_h = torch.minimum(pred_y2[block], y2, out=y2).sub_(
+            torch.maximum(pred_y1[block], y1, out=y1)).clamp_(min=0)
+        overlap = overlap_w.mul_(overlap_h)
+        torch.index_select(column_w, 0, block_columns, out=area)
+        area.mul_(torch.index_select(row_h, 0, block_rows, out=y1))
+        union = area.add_(pred_area[block]).sub_(overlap).clamp_(min=eps)
+        torch.amax(overlap.div_(union), dim=1, out=best[block])
+    return best

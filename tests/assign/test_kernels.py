@@ -1,4 +1,5 @@
-"""The hand-written pieces of the weighting against the stock torch formulas they replace.
+"""The speed kernels of the weighting (dw_d2.assign.kernels) against the stock torch formulas
+they replace, and the plain-PyTorch path of the negative term against both.
 
 The golden cases are small (one block of the dense negative term, few far-away points), so
 the block boundaries, the retained-graph path and the slow-path-free exp are checked here.
@@ -9,8 +10,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dw_d2.assign import elementwise, negative_term
-from dw_d2.assign.pairs import distinct_score_entries, gather_coordinates
+from dw_d2.assign.kernels import elementwise, negative_term
+from dw_d2.assign.kernels.elementwise import focal_negative_term
+from dw_d2.assign.kernels.gather import gather_coordinates
+from dw_d2.assign.pipeline import distinct_score_entries
+
+# The entry terms of the two schemes: DW weights the term, AutoAssign scales the score.
+ENTRY_TERMS = {
+    "weight_scales_term": lambda weights: lambda s: weights * focal_negative_term(s, 2.0),
+    "weight_scales_score": lambda weights: lambda s: focal_negative_term(s * weights, 2.0),
+}
 
 
 def stock_negative_term(cls_logits, score_logits, pair_entries, entries, weights, gamma,
@@ -44,43 +53,47 @@ def random_case(seed, num_images=2, num_points=150, num_classes=7, num_pairs=400
     return cls_logits, score_logits, pair_entries
 
 
-@pytest.mark.parametrize("weight_scales_score", [False, True])
+@pytest.mark.parametrize("entry_term", list(ENTRY_TERMS))
 @pytest.mark.parametrize("block_entries", [1, 64, 1 << 20])
-def test_joint_score_terms_match_stock_ops_across_blocks(weight_scales_score, block_entries,
-                                                         monkeypatch):
+def test_focal_negative_sum_matches_stock_ops_across_blocks(entry_term, block_entries,
+                                                            monkeypatch):
     monkeypatch.setattr(negative_term, "CPU_BLOCK_ENTRIES", block_entries)
     cls_logits, score_logits, pair_entries = random_case(seed=block_entries)
     grouped = distinct_score_entries(pair_entries, cls_logits.numel())
     weights = torch.rand(grouped.entries.shape, dtype=torch.float64,
                          generator=torch.Generator().manual_seed(1))
     results = []
-    for function in ("ours", "stock"):
+    for function in ("ours", "plain", "stock"):
         cls = cls_logits.clone().requires_grad_()
         score = score_logits.clone().requires_grad_()
-        if function == "ours":
-            p_cls, neg_sum = negative_term.joint_score_terms(
-                cls, score, grouped.entries, grouped.entry_of_pair, weights, 2.0,
-                weight_scales_score)
-        else:
+        if function == "stock":
             p_cls, neg_sum = stock_negative_term(cls, score, pair_entries, grouped.entries,
-                                                 weights, 2.0, weight_scales_score)
+                                                 weights, 2.0,
+                                                 entry_term == "weight_scales_score")
+        else:
+            negative_sum = {"ours": negative_term.focal_negative_sum,
+                            "plain": negative_term.plain_negative_sum}[function]
+            neg_sum, entry_scores = negative_sum(cls, score, grouped.entries,
+                                                 ENTRY_TERMS[entry_term](weights))
+            p_cls = entry_scores[grouped.entry_of_pair]
         pair_grad = torch.linspace(-1, 1, p_cls.numel(), dtype=torch.float64)
         loss = (p_cls * pair_grad).sum() + 0.37 * neg_sum
         grads = torch.autograd.grad(loss, (cls, score))
         results.append((p_cls.detach(), neg_sum.detach(), *grads))
-    for ours, stock in zip(*results):
+    for ours, plain, stock in zip(*results):
         torch.testing.assert_close(ours, stock, rtol=1e-9, atol=0)
+        torch.testing.assert_close(plain, stock, rtol=1e-9, atol=0)
 
 
-def test_joint_score_terms_second_backward_through_retained_graph():
+def test_focal_negative_sum_second_backward_through_retained_graph():
     cls_logits, score_logits, pair_entries = random_case(seed=3)
     grouped = distinct_score_entries(pair_entries, cls_logits.numel())
     weights = torch.rand(grouped.entries.shape, dtype=torch.float64)
     cls = cls_logits.clone().requires_grad_()
     score = score_logits.clone().requires_grad_()
-    p_cls, neg_sum = negative_term.joint_score_terms(cls, score, grouped.entries,
-                                                     grouped.entry_of_pair, weights, 2.0, False)
-    loss = p_cls.sum() + neg_sum
+    neg_sum, entry_scores = negative_term.focal_negative_sum(
+        cls, score, grouped.entries, ENTRY_TERMS["weight_scales_term"](weights))
+    loss = entry_scores[grouped.entry_of_pair].sum() + neg_sum
     first = torch.autograd.grad(loss, (cls, score), retain_graph=True)
     first = [g.clone() for g in first]
     second = torch.autograd.grad(loss, (cls, score))
@@ -88,15 +101,15 @@ def test_joint_score_terms_second_backward_through_retained_graph():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
 
 
-def test_joint_score_terms_without_grad_gives_the_same_values():
+def test_focal_negative_sum_without_grad_gives_the_same_values():
     cls_logits, score_logits, pair_entries = random_case(seed=4, dtype=torch.float32)
     grouped = distinct_score_entries(pair_entries, cls_logits.numel())
     weights = torch.rand(grouped.entries.shape)
-    args = (grouped.entries, grouped.entry_of_pair, weights, 2.0, True)
+    args = (grouped.entries, ENTRY_TERMS["weight_scales_score"](weights))
     with torch.no_grad():
-        no_grad = negative_term.joint_score_terms(cls_logits.requires_grad_(), score_logits,
-                                                  *args)
-    with_grad = negative_term.joint_score_terms(cls_logits, score_logits, *args)
+        no_grad = negative_term.focal_negative_sum(cls_logits.requires_grad_(), score_logits,
+                                                   *args)
+    with_grad = negative_term.focal_negative_sum(cls_logits, score_logits, *args)
     for a, b in zip(no_grad, with_grad):
         assert torch.equal(a, b.detach())
 
@@ -157,7 +170,8 @@ def test_gather_coordinates_gives_a_contiguous_gradient():
 
 
 def test_aligned_giou_backward_matches_the_op_by_op_graph():
-    from dw_d2.assign.box_overlap import _aligned_overlaps, aligned_iou_and_giou, decode_distances
+    from dw_d2.assign.kernels.box_overlap import (_aligned_overlaps, aligned_iou_and_giou,
+                                                  decode_distances)
     generator = torch.Generator().manual_seed(0)
     num = 4000
     x, y = (torch.rand(2, num, dtype=torch.float64, generator=generator) * 100).unbind()
@@ -183,13 +197,11 @@ def test_aligned_giou_backward_matches_the_op_by_op_graph():
         torch.testing.assert_close(ours, graph, rtol=1e-12, atol=1e-15)
 
 
-def test_expand_to_pairs_gradient_is_the_per_gt_segment_sum():
-    from dw_d2.assign.pairs import CandidatePairs, expand_to_pairs
+def test_expand_per_gt_gradient_is_the_per_gt_segment_sum():
+    from dw_d2.assign.kernels.gather import expand_per_gt
     per_gt = torch.arange(8.0, dtype=torch.float64).reshape(2, 4).requires_grad_()
     gt_index = torch.tensor([0, 0, 2, 2, 2, 3])
-    pairs = CandidatePairs(gt_index, torch.arange(6), torch.zeros(6, dtype=torch.long),
-                           torch.tensor([2, 0, 3, 1]), torch.tensor([6]))
-    expanded = expand_to_pairs(per_gt, pairs)
+    expanded = expand_per_gt(per_gt, gt_index, torch.tensor([2, 0, 3, 1]))
     assert torch.equal(expanded, per_gt.detach()[:, gt_index])
     upstream = torch.arange(12.0, dtype=torch.float64).reshape(2, 6)
     expanded.backward(upstream)
