@@ -23,6 +23,16 @@ RETINANET_CONFIG = REPO / "tests" / "configs" / "retinanet_shapes.yaml"
 NUM_CLASSES = 4
 
 
+def _builtin_assigners():
+    from dw_d2 import ASSIGNER_REGISTRY
+
+    return [name for name, scheme in ASSIGNER_REGISTRY if scheme.__module__.startswith("dw_d2.")]
+
+
+# The assignment schemes dw-d2 registers (not those a test module adds).
+BUILTIN_ASSIGNERS = _builtin_assigners()
+
+
 def make_cfg(config_file, output_dir, *opts):
     """A frozen config: Detectron2's defaults, dw-d2's keys, ``config_file``, then the KEY VALUE
     ``opts`` and ``OUTPUT_DIR output_dir``."""

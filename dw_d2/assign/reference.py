@@ -407,3 +407,12 @@ def reference_autoassign_loss(
     if return_intermediates:
         losses["per_image"] = per_image
     return losses
+
+
+# The oracle of each built-in scheme, by its name in dw_d2.ASSIGNER_REGISTRY. Each takes the
+# arguments of the scheme's public function; learnable parameters (AutoAssign's prior_mean and
+# prior_sigma) by the names the scheme's module gives them.
+REFERENCE_LOSSES = {
+    "DW": reference_dual_weighting_loss,
+    "AutoAssign": reference_autoassign_loss,
+}

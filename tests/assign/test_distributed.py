@@ -27,10 +27,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import dw_d2.modeling.meta_arch as meta_arch
-
-from tests.helpers import (AA_INPUTS, DW_INPUTS, image_input, make_batch, run_aa, run_dw,
-                           tiny_model, with_leaves)
+from tests.helpers import (AA_INPUTS, BUILTIN_ASSIGNERS, DW_INPUTS, image_input, make_batch,
+                           run_aa, run_dw, tiny_model, with_leaves)
 
 WORLD_SIZE = 2
 # Seconds to wait for a worker's result, and the gloo collective timeout: a failing worker
@@ -301,7 +299,6 @@ def test_dw_float32_negative_normaliser_is_rounded_per_worker(weighting_two_work
 # --------------------------------------------------------------------------------------------
 # The detector
 # --------------------------------------------------------------------------------------------
-ASSIGNERS = ("DW", "AutoAssign")
 
 
 def detector_case(assigner):
@@ -311,11 +308,11 @@ def detector_case(assigner):
     its own batch statistics, which differ from the whole batch's. The head uses GN (per
     image), so its gradients are those to compare.
     """
-    model = tiny_model("MODEL.DW.ASSIGNER", assigner).double().train()
+    model = tiny_model("MODEL.ASSIGNER.NAME", assigner).double().train()
     model.backbone.eval()
     model.backbone.requires_grad_(False)
-    if assigner == "DW":
-        model.loss_hyperparams["round_neg_normaliser_to_float32"] = False
+    if hasattr(model.assigner, "round_neg_normaliser_to_float32"):  # DW
+        model.assigner.round_neg_normaliser_to_float32 = False
     # Boxes about as large as the initial predictions (8 strides wide), so that DW's negative
     # normaliser is not 0.
     images = [image_input(64, 64, boxes=[[2.0, 3.0, 62.0, 60.0], [6.0, 8.0, 58.0, 54.0]],
@@ -343,21 +340,19 @@ def detector_one_process_step(case):
     from detectron2.utils.events import EventStorage
 
     captured = {}
-
-    def capturing(loss_fn):
-        def with_weights(*args, **kwargs):
-            kwargs.pop("return_weights", None)
-            losses, captured["weights"] = loss_fn(*args, return_weights=True, **kwargs)
-            return losses
-        return with_weights
-
     model = case["model"]
+    assign = model.assigner.forward
+
+    def with_weights(*args, **kwargs):
+        losses, captured["weights"] = assign(*args, return_weights=True, **kwargs)
+        return losses
+
     with pytest.MonkeyPatch.context() as patch, EventStorage():
-        patch.setattr(meta_arch, "dual_weighting_loss", capturing(meta_arch.dual_weighting_loss))
-        patch.setattr(meta_arch, "autoassign_loss", capturing(meta_arch.autoassign_loss))
+        patch.setattr(model.assigner, "forward", with_weights)
         losses = model(case["images"])
     weights = captured["weights"]
-    negative = (sum((1 - w["neg_weight"]).sum() for w in weights) if model.assigner == "DW"
+    negative = (sum((1 - w["neg_weight"]).sum() for w in weights)
+                if type(model.assigner).__name__ == "DW"
                 else sum(w["center_prior"].sum() for w in weights))
     return step_outputs(losses, trainable_parameters(model)), float(negative)
 
@@ -365,21 +360,22 @@ def detector_one_process_step(case):
 @pytest.fixture(scope="module")
 def detector_steps(tmp_path_factory):
     """Per assigner: (one-process step, its negative normaliser, rank 0's 2-worker step)."""
-    cases = {assigner: detector_case(assigner) for assigner in ASSIGNERS}
+    cases = {assigner: detector_case(assigner) for assigner in BUILTIN_ASSIGNERS}
     # One process first: the workers fork after the first (slow) run has warmed torch up.
     one_process = {assigner: detector_one_process_step(case) for assigner, case in cases.items()}
     init_file = str(tmp_path_factory.mktemp("gloo_detector") / "init")
     two_workers = run_on_workers(detector_step, cases, init_file)[0]
-    return {assigner: (*one_process[assigner], two_workers[assigner]) for assigner in ASSIGNERS}
+    return {assigner: (*one_process[assigner], two_workers[assigner])
+            for assigner in BUILTIN_ASSIGNERS}
 
 
-@pytest.mark.parametrize("assigner", ASSIGNERS)
+@pytest.mark.parametrize("assigner", BUILTIN_ASSIGNERS)
 def test_detector_two_worker_step_equals_one_process(assigner, detector_steps):
     one_process, negative, two_workers = detector_steps[assigner]
     assert negative >= WORLD_SIZE, f"the negative normaliser {negative} would be clamped"
     scales = {name: 1.0 for name in one_process}
     assert_step_relation(two_workers, one_process, scales, assigner)
     grads = one_process[next(iter(one_process))]["grads"]
-    assert grads and all(name.startswith(("head.", "center_prior.")) for name in grads)
+    assert grads and all(name.startswith(("head.", "assigner.")) for name in grads)
     if assigner == "AutoAssign":
-        assert "center_prior.sigma" in grads
+        assert "assigner.prior_sigma" in grads

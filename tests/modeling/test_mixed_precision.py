@@ -2,14 +2,15 @@
 import pytest
 import torch
 
-from tests.helpers import BUILTIN_CONFIGS, TINY, image_input, run_train_net, tiny_model
+from tests.helpers import (BUILTIN_ASSIGNERS, BUILTIN_CONFIGS, TINY, image_input, run_train_net,
+                           tiny_model)
 
 BOXES = [(8.0, 10.0, 60.0, 50.0), (30.0, 20.0, 90.0, 70.0)]
 
 
-@pytest.mark.parametrize("assigner", ["DW", "AutoAssign"])
+@pytest.mark.parametrize("assigner", BUILTIN_ASSIGNERS)
 def test_bfloat16_autocast_training_step_on_cpu(assigner):
-    model = tiny_model("MODEL.DW.ASSIGNER", assigner).train()
+    model = tiny_model("MODEL.ASSIGNER.NAME", assigner).train()
     batch = [image_input(96, 128, BOXES, (0, 1)), image_input(80, 112, seed=1)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         losses = model(batch)

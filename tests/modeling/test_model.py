@@ -1,4 +1,4 @@
-"""DWDetector, DWHead, the backbone, the centre prior and the points, on tiny models."""
+"""DWDetector, DWHead and the backbone, on tiny models."""
 import math
 
 import pytest
@@ -9,14 +9,15 @@ from detectron2.modeling import build_model
 from detectron2.structures import ImageList
 
 from dw_d2 import add_dw_config, refine_box_distances
-from dw_d2.modeling import CenterPrior, DWDetector, DWHead
-from tests.helpers import NUM_CLASSES, REPO, image_input, tiny_cfg, tiny_model
+from dw_d2.modeling import ASSIGNER_REGISTRY, DWDetector, DWHead, HeadOutputs
+from tests.helpers import (BUILTIN_ASSIGNERS, NUM_CLASSES, REPO, image_input, tiny_cfg,
+                           tiny_model)
 
 
 def test_builtin_config_builds_the_dw_detector():
     model = tiny_model()
     assert isinstance(model, DWDetector)
-    assert model.assigner == "DW"
+    assert type(model.assigner).__name__ == "DW"
     assert model.point_offset == 0.5
     assert model.strides == [8, 16, 32, 64, 128]
     assert model.head.box_refinement
@@ -30,7 +31,7 @@ def test_every_config_merges(config):
     add_dw_config(cfg)
     cfg.merge_from_file(str(config))
     assert cfg.MODEL.META_ARCHITECTURE == "DWDetector"
-    assert cfg.MODEL.DW.ASSIGNER in ("DW", "AutoAssign")
+    assert cfg.MODEL.ASSIGNER.NAME in ASSIGNER_REGISTRY
 
 
 @pytest.mark.parametrize(
@@ -66,15 +67,16 @@ def test_head_output_shapes_for_an_odd_image_size():
     # Padded to a multiple of 32 (128 x 160); level l has size ceil(padded / stride).
     assert images.tensor.shape[-2:] == (128, 160)
     features = model.backbone(images.tensor)
-    cls_logits, box_dists, ctr_logits, offsets = model.head(
-        [features[f] for f in model.head_in_features]
-    )
+    features = [features[f] for f in model.head_in_features]
+    cls_logits, box_dists, ctr_logits, points = model.head(features)
     expected_sizes = [(16, 20), (8, 10), (4, 5), (2, 3), (1, 2)]
+    assert points.level_shapes == tuple(expected_sizes)
+    assert points.points.shape == (sum(h * w for h, w in expected_sizes), 2)
     for level, (h, w) in enumerate(expected_sizes):
         assert cls_logits[level].shape == (1, NUM_CLASSES, h, w)
         assert box_dists[level].shape == (1, 4, h, w)
         assert ctr_logits[level].shape == (1, 1, h, w)
-        assert offsets[level].shape == (1, 8, h, w)
+        assert model.head.level_outputs(features[level], level)[3].shape == (1, 8, h, w)
         assert box_dists[level].min() >= 0
 
 
@@ -101,9 +103,10 @@ def test_initial_distances_are_bias_times_stride():
     )
     with torch.no_grad():
         head.distance_pred.weight.zero_()
-    _, box_dists, _, _ = head([torch.randn(1, 32, 4, 4), torch.randn(1, 32, 2, 2)])
-    assert torch.equal(box_dists[0], torch.full((1, 4, 4, 4), 32.0))
-    assert torch.equal(box_dists[1], torch.full((1, 4, 2, 2), 64.0))
+    features = [torch.randn(1, 32, 4, 4), torch.randn(1, 32, 2, 2)]
+    coarse = [head.level_outputs(feature, level)[1] for level, feature in enumerate(features)]
+    assert torch.equal(coarse[0], torch.full((1, 4, 4, 4), 32.0))
+    assert torch.equal(coarse[1], torch.full((1, 4, 2, 2), 64.0))
 
 
 def test_box_refinement_toggles_the_offset_conv():
@@ -113,7 +116,9 @@ def test_box_refinement_toggles_the_offset_conv():
     assert not any("refine_offset_pred" in k for k in without.state_dict())
     assert without.head.refine_offset_pred is None
     features = [torch.randn(1, 64, 4, 4)] * 5
-    assert without.head(features)[3] is None
+    assert without.head.level_outputs(features[0], 0)[3] is None
+    assert torch.equal(without.head(features).box_dists[0],
+                       without.head.level_outputs(features[0], 0)[1])
 
 
 def test_loss_and_inference_use_the_refined_distances():
@@ -124,29 +129,28 @@ def test_loss_and_inference_use_the_refined_distances():
     features = [features[f] for f in model.head_in_features]
     predictions = model.head(features)
     _, flat_dists, _ = model.flatten_predictions(predictions)
-    _, coarse, _, offsets = predictions
-    expected = refine_box_distances(coarse[0], offsets[0], 8, 0.5)
+    _, coarse, _, offsets = model.head.level_outputs(features[0], 0)
+    expected = refine_box_distances(coarse, offsets, 8, 0.5)
     assert torch.equal(flat_dists[0], expected.permute(0, 2, 3, 1).reshape(1, -1, 4))
 
 
 def test_center_prior_is_fixed_for_dw_and_learnable_for_autoassign():
     dw = tiny_model()
-    mean, sigma = dw.center_prior()
-    assert torch.equal(mean, torch.zeros(NUM_CLASSES, 2))
-    assert torch.equal(sigma, torch.full((NUM_CLASSES, 2), 1.11))
-    assert not any(n.startswith("center_prior") for n, _ in dw.named_parameters())
+    assert dw.assigner.center_prior_sigma == 1.11
+    assert not list(dw.assigner.parameters()) and not dw.assigner.state_dict()
 
-    autoassign = tiny_model("MODEL.DW.ASSIGNER", "AutoAssign")
+    autoassign = tiny_model("MODEL.ASSIGNER.NAME", "AutoAssign")
     names = {n for n, _ in autoassign.named_parameters()}
-    assert {"center_prior.mean", "center_prior.sigma"} <= names
-    assert {"center_prior.mean", "center_prior.sigma"} <= set(autoassign.state_dict())
-    assert torch.equal(autoassign.center_prior.sigma, torch.ones(NUM_CLASSES, 2))
+    assert {"assigner.prior_mean", "assigner.prior_sigma"} <= names
+    assert {"assigner.prior_mean", "assigner.prior_sigma"} <= set(autoassign.state_dict())
+    assert torch.equal(autoassign.assigner.prior_mean, torch.zeros(NUM_CLASSES, 2))
+    assert torch.equal(autoassign.assigner.prior_sigma, torch.ones(NUM_CLASSES, 2))
 
 
 def test_point_offset_defaults_per_scheme_and_can_be_set():
-    assert tiny_model("MODEL.DW.ASSIGNER", "AutoAssign").point_offset == 0.0
-    assert tiny_model("MODEL.DW.ASSIGNER", "autoassign").assigner == "AutoAssign"
-    assert tiny_model("MODEL.DW.POINT_OFFSET", 0.25).point_offset == 0.25
+    assert tiny_model("MODEL.ASSIGNER.NAME", "AutoAssign").point_offset == 0.0
+    assert type(tiny_model("MODEL.ASSIGNER.NAME", "autoassign").assigner).__name__ == "AutoAssign"
+    assert tiny_model("MODEL.ASSIGNER.POINT_OFFSET", 0.25).point_offset == 0.25
 
 
 def test_inference_output_format_and_rescaling():
@@ -200,7 +204,9 @@ def test_inference_decodes_thresholds_and_suppresses():
     cls_logits[1][0, 0, 0, 0] = 1.5
     box_dists[1][0, :, 0, 0] = torch.tensor([20.0, 20.0, 20.0, 20.0])
     images = ImageList(torch.zeros(1, 3, 64, 64), [(60, 50)])
-    results = model.forward_inference(images, features, (cls_logits, box_dists, ctr_logits, None))
+    points = model.head.point_grid(sizes)
+    results = model.forward_inference(images, features,
+                                      HeadOutputs(cls_logits, box_dists, ctr_logits, points))
     (result,) = results
     order = result.pred_classes.tolist()
     assert order == [1, 0, 3]
@@ -215,13 +221,14 @@ def test_inference_decodes_thresholds_and_suppresses():
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        (("MODEL.DW.ASSIGNER", "ATSS"),
-         r"MODEL.DW.ASSIGNER 'ATSS' is not one of \('DW', 'AutoAssign'\)"),
+        (("MODEL.ASSIGNER.NAME", "ATSS"),
+         r"MODEL.ASSIGNER.NAME 'ATSS' is not one of the registered .* \['DW', 'AutoAssign'"),
         (("MODEL.DW.NUM_CLASSES", 0), r"MODEL.DW.NUM_CLASSES must be >= 1, got 0"),
         (("MODEL.DW.IN_FEATURES", ["p3", "p8"]),
          r"MODEL.DW.IN_FEATURES \['p3', 'p8'\] names \['p8'\]"),
-        (("MODEL.DW.DUPLICATE_RULE", "first"), r"MODEL.DW.DUPLICATE_RULE 'first' is not one of"),
-        (("MODEL.DW.POINT_OFFSET", 1.5), r"MODEL.DW.POINT_OFFSET must be None or a number"),
+        (("MODEL.ASSIGNER.DUPLICATE_RULE", "first"),
+         r"MODEL.ASSIGNER.DUPLICATE_RULE 'first' is not one of"),
+        (("MODEL.ASSIGNER.POINT_OFFSET", 1.5), r"MODEL.ASSIGNER.POINT_OFFSET must be None or a"),
         (("MODEL.FPN.OUT_CHANNELS", 48), r"'GN' uses 32 groups, which must divide .* \(48"),
         (("MODEL.DW.NORM", "BN"), r"norm 'BN' is not supported"),
     ],
@@ -240,11 +247,23 @@ def test_missing_dw_section_is_a_clear_error():
         build_model(cfg)
 
 
-def test_center_prior_rejects_bad_values():
-    with pytest.raises(ValueError, match="num_classes >= 1"):
-        CenterPrior(0, learnable=False, init_mean=0.0, init_sigma=1.0)
-    with pytest.raises(ValueError, match="init_sigma > 0"):
-        CenterPrior(3, learnable=False, init_mean=0.0, init_sigma=0.0)
+def test_old_config_keys_name_their_new_place():
+    for old, new in [("MODEL.DW.ASSIGNER", "MODEL.ASSIGNER.NAME"),
+                     ("MODEL.DW.CENTER_PRIOR_SIGMA", "MODEL.ASSIGNER.DW.CENTER_PRIOR_SIGMA"),
+                     ("MODEL.AUTOASSIGN.FORCE_TOPK", "MODEL.ASSIGNER.AUTOASSIGN.FORCE_TOPK")]:
+        with pytest.raises(KeyError, match=f"{old} was renamed to {new}"):
+            tiny_cfg(old, "1")
+
+
+def test_old_config_file_names_the_new_key(tmp_path):
+    old_file = tmp_path / "old.yaml"
+    old_file.write_text(f'_BASE_: "{REPO / "configs" / "Base-DW.yaml"}"\n'
+                        "MODEL:\n  DW:\n    POINT_OFFSET: None\n")
+    cfg = get_cfg()
+    add_dw_config(cfg)
+    with pytest.raises(KeyError, match="MODEL.DW.POINT_OFFSET was renamed to "
+                                       "MODEL.ASSIGNER.POINT_OFFSET"):
+        cfg.merge_from_file(str(old_file))
 
 
 # Training: the losses come from dw_d2.assign.
@@ -257,27 +276,22 @@ def training_batch():
     ]
 
 
-@pytest.mark.parametrize("assigner", ["DW", "AutoAssign"])
+@pytest.mark.parametrize("assigner", BUILTIN_ASSIGNERS)
 def test_training_returns_finite_losses_with_gradients(assigner):
-    model = tiny_model("MODEL.DW.ASSIGNER", assigner).train()
+    model = tiny_model("MODEL.ASSIGNER.NAME", assigner).train()
     from detectron2.utils.events import EventStorage
 
     with EventStorage():
         losses = model(training_batch())
-    expected = (
-        {"loss_cls_pos", "loss_loc", "loss_cls_neg"}
-        if assigner == "DW" else {"loss_pos", "loss_neg", "loss_center"}
-    )
-    assert set(losses) == expected
+    assert losses and all(name.startswith("loss_") for name in losses)
     total = sum(losses.values())
     assert torch.isfinite(total)
     total.backward()
     assert model.head.cls_score.weight.grad.abs().sum() > 0
     assert model.head.distance_pred.weight.grad.abs().sum() > 0
-    if assigner == "DW":
-        assert model.head.refine_offset_pred.weight.grad.abs().sum() > 0
-    else:
-        assert model.center_prior.sigma.grad is not None
+    assert model.head.refine_offset_pred.weight.grad.abs().sum() > 0
+    for name, parameter in model.assigner.named_parameters():  # AutoAssign's prior
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
 
 
 def test_training_on_images_without_gt_boxes():
@@ -294,9 +308,9 @@ def test_training_on_images_without_gt_boxes():
     assert model.head.cls_score.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("assigner", ["DW", "AutoAssign"])
+@pytest.mark.parametrize("assigner", BUILTIN_ASSIGNERS)
 def test_one_optimizer_step_lowers_the_loss(assigner):
-    model = tiny_model("MODEL.DW.ASSIGNER", assigner).train()
+    model = tiny_model("MODEL.ASSIGNER.NAME", assigner).train()
     from detectron2.utils.events import EventStorage
 
     batch = training_batch()

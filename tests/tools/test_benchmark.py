@@ -21,7 +21,8 @@ def test_coco_input_has_the_issue_point_count():
     assert (height, width) == (800, 1344)
     sizes = bench.feature_sizes(height, width)
     assert sizes == [(100, 168), (50, 84), (25, 42), (13, 21), (7, 11)]
-    points, strides = bench.make_points(sizes, 0.5, torch.float32, "cpu")
+    layout = bench.make_points(sizes, 0.5, torch.float32, "cpu")
+    points, strides = layout.points, layout.strides
     assert points.shape == (22400, 2) and strides.shape == (22400,)
     # Level-major, row-major: the second point of P3 is one stride to the right of the first.
     assert points[:2].tolist() == [[4.0, 4.0], [12.0, 4.0]]
@@ -44,13 +45,14 @@ def test_gt_boxes_are_inside_and_coco_sized():
 def test_weighting_inputs_exercise_both_negative_branches():
     leaves, fixed = bench.make_weighting_inputs("DW", 128, 192, 2, 6, 5, torch.float64, "cpu",
                                                 seed=3)
-    assert leaves["cls_logits"].shape == (2, len(fixed["points"]), 5)
+    points = fixed["points"]
+    assert leaves["cls_logits"].shape == (2, points.num_points, 5)
     assert leaves["box_dists"].min() >= 0
     assert [len(b) for b in fixed["gt_boxes"]] == [6, 6]
     from dw_d2.assign import reference
 
     out = reference.reference_dual_weighting_loss(
-        fixed["points"], fixed["strides"], leaves["cls_logits"], leaves["box_dists"],
+        points.points, points.strides, leaves["cls_logits"], leaves["box_dists"],
         leaves["score_logits"], fixed["gt_boxes"], fixed["gt_classes"], return_intermediates=True,
     )
     ious = torch.cat([img["ious"][img["inside_gt_bbox_mask"]] for img in out["per_image"]])
@@ -95,19 +97,21 @@ def test_quick_weighting_and_scaling_run(tmp_path):
                          "--output", str(tmp_path)])
     on_disk = _check_result(result, tmp_path, ["weighting", "scaling"])
     rows = on_disk["rows"]
-    # 2 schemes x 2 GT counts x (fwd, fwd+bwd).
-    assert len(rows) == 8
-    assert {r["subject"] for r in rows} == {"DW, 1 GT/img", "DW, 4 GT/img", "AutoAssign, 1 GT/img",
-                                            "AutoAssign, 4 GT/img"}
+    # Every scheme (DW, AutoAssign) x 2 GT counts x (fwd, fwd+bwd).
+    schemes = bench.scheme_names()
+    assert {"DW", "AutoAssign"} <= set(schemes)
+    assert len(rows) == len(schemes) * 4
+    assert {r["subject"] for r in rows} == {f"{scheme}, {gts} GT/img" for scheme in schemes
+                                            for gts in (1, 4)}
     for row in rows:
         assert row["ratio_kind"] == "speed-up"
         assert row["cpu_time_ratio"] > 0
         # Same inputs, same run: float32 round-off only; float64 to the golden precision.
         assert row["max_rel_diff"] < 1e-4, row
         assert row["fp64_max_rel_diff"] is None or row["fp64_max_rel_diff"] < 1e-9, row
-    assert sum(r["fp64_max_rel_diff"] is not None for r in rows) == 4
+    assert sum(r["fp64_max_rel_diff"] is not None for r in rows) == len(schemes) * 2
     scaling = on_disk["sections"]["scaling"]
-    assert len(scaling["by_gt_count"]) == 4 and len(scaling["by_input_size"]) == 4
+    assert len(scaling["by_gt_count"]) == len(scaling["by_input_size"]) == len(schemes) * 2
     assert all(e["dw_d2_s"] > 0 and e["reference_s"] > 0 for e in scaling["by_gt_count"])
     png = tmp_path / "weighting_scaling.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -124,14 +128,14 @@ def test_quick_cli_with_detectors(tmp_path):
     result = json.loads((tmp_path / "benchmark.json").read_text())
     _check_result(result, tmp_path, ["detectors"])
     rows = result["rows"]
-    # DW, AutoAssign and RetinaNet against FCOS: train step, inference, peak memory.
+    # The schemes (DW, AutoAssign) and RetinaNet against FCOS: train step, inference, memory.
     assert [(r["measure"], r["subject"].split(",")[0].split(" ")[0]) for r in rows] == [
-        (m, name) for name in ("DW", "AutoAssign", "RetinaNet")
+        (m, name) for name in bench.detector_names() if name != bench.BASELINE_DETECTOR
         for m in ("train step", "inference", "peak train memory")
     ]
     assert [r["met"] is not None for r in rows[:3]] == [True, True, True]
     memory = result["sections"]["detectors"]["memory"]
-    assert set(memory) == set(bench.DETECTORS)
+    assert set(memory) == set(bench.detector_names())
     assert all(m["peak_bytes"] > 0 for m in memory.values())
     assert "| train step" in done.stdout
 

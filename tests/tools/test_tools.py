@@ -160,7 +160,7 @@ def test_compare_scales_the_schedule_and_changes_only_the_method(capsys):
     assert all(c.startswith(shared) for c in common)
     assert "SOLVER.MAX_ITER 10" in shared and "SEED 42" in shared
     assert "MODEL.DW.BOX_REFINEMENT False" in common[1]
-    assert "MODEL.DW.ASSIGNER AutoAssign" in common[2]
+    assert "MODEL.ASSIGNER.NAME AutoAssign" in common[2]
     assert "MODEL.META_ARCHITECTURE FCOSBaseline" in common[3]
 
 
@@ -283,10 +283,9 @@ def first_index_with_boxes(records, at_least):
 
 @pytest.mark.parametrize("config", [BUILTIN_DW_CONFIG, BUILTIN_AUTOASSIGN_CONFIG],
                          ids=["DW", "AutoAssign"])
-def test_heat_maps_equal_the_weights_of_the_public_functions(config, val_records, monkeypatch):
+def test_heat_maps_equal_the_weights_of_the_assigner(config, val_records, monkeypatch):
     """The drawn maps are the weighting function's own output on what training feeds it."""
     from detectron2.modeling import build_model
-    from dw_d2.modeling import meta_arch
     from dw_d2.viz.assignment import compute_assignment_maps, deterministic_mapper
 
     cfg = builtin_config(config)
@@ -296,18 +295,17 @@ def test_heat_maps_equal_the_weights_of_the_public_functions(config, val_records
     mapped = deterministic_mapper(cfg)(record)
     maps = compute_assignment_maps(model, mapped)
 
-    # Reference: the weights the public function returns for the inputs that the training path
+    # Reference: the weights the assigner returns for the inputs that the training path
     # (DWDetector.forward_training) assembles for this image.
     captured = {}
-    function_name = "dual_weighting_loss" if model.assigner == "DW" else "autoassign_loss"
-    public_function = getattr(meta_arch, function_name)
+    assign = model.assigner.forward
 
     def capture(*args, **kwargs):
         wanted = kwargs.pop("return_weights", False)
-        losses, captured["weights"] = public_function(*args, **kwargs, return_weights=True)
+        losses, captured["weights"] = assign(*args, **kwargs, return_weights=True)
         return (losses, captured["weights"]) if wanted else losses
 
-    monkeypatch.setattr(meta_arch, function_name, capture)
+    monkeypatch.setattr(model.assigner, "forward", capture)
     with torch.no_grad():
         images = model.preprocess_image([mapped])
         features = [model.backbone(images.tensor)[f] for f in model.head_in_features]
@@ -317,7 +315,7 @@ def test_heat_maps_equal_the_weights_of_the_public_functions(config, val_records
 
     gt_boxes = mapped["instances"].gt_boxes.tensor
     gt_classes = mapped["instances"].gt_classes
-    assert maps.assigner == cfg.MODEL.DW.ASSIGNER
+    assert maps.assigner == cfg.MODEL.ASSIGNER.NAME
     assert len(maps.pos_weights) == len(maps.strides) == 5
     start = 0
     for level, ((h, w), stride) in enumerate(zip(maps.level_shapes, maps.strides)):
