@@ -65,7 +65,7 @@ def _add_assigner_config(cfg):
     cfg.MODEL.ASSIGNER.AUTOASSIGN.FORCE_TOPK = False
     cfg.MODEL.ASSIGNER.AUTOASSIGN.TOPK = 9
 
-    # Keys of dw-d2 0.1 configs: merging one names the key that replaces it.
+    # Keys of earlier dw-d2 configs: merging one names the key that replaces it.
     renamed = {"MODEL.DW.ASSIGNER": "MODEL.ASSIGNER.NAME",
                "MODEL.DW.POINT_OFFSET": "MODEL.ASSIGNER.POINT_OFFSET",
                "MODEL.DW.DUPLICATE_RULE": "MODEL.ASSIGNER.DUPLICATE_RULE",

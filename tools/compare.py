@@ -9,8 +9,7 @@ identical:
     dw           the reference config (DW, box refinement on)
     dw_norefine  MODEL.DW.BOX_REFINEMENT False
     autoassign   MODEL.ASSIGNER.NAME AutoAssign, without box refinement (DW's branch); each
-                 scheme in dw_d2.ASSIGNER_REGISTRY gets such a run, named after it in lower
-                 case
+                 scheme that dw_d2 registers gets such a run, named after it in lower case
     fcos         Detectron2's FCOS (dw_d2.baselines) with the same backbone and head sizes
 
 Each run is a ``train_net.py`` subprocess writing to ``OUTPUT/<run>``; its final COCO
@@ -50,7 +49,11 @@ DEFAULT_CONFIG = REPO / "configs" / "Builtin" / "dw_R_18_FPN_shapes.yaml"
 def run_overrides():
     """Run name -> the KEY VALUE opts that make the method, in table order."""
     runs = {"dw": [], "dw_norefine": ["MODEL.DW.BOX_REFINEMENT", "False"]}
-    for scheme, _ in ASSIGNER_REGISTRY:
+    # The runs are train_net.py processes, which know the schemes that importing dw_d2
+    # registers, not those a caller of this module may have added.
+    for scheme, module in ASSIGNER_REGISTRY:
+        if not module.__module__.startswith("dw_d2."):
+            continue
         runs.setdefault(scheme.lower(), ["MODEL.ASSIGNER.NAME", scheme,
                                          "MODEL.DW.BOX_REFINEMENT", "False"])
     runs["fcos"] = ["MODEL.META_ARCHITECTURE", FCOS_META_ARCHITECTURE,
