@@ -1,4 +1,4 @@
-"""DW box refinement against the official head's outputs (shared/golden/dw_refine_*.pt)."""
+"""DW box refinement against the official head's outputs (the golden dw_refine_* cases)."""
 import pytest
 import torch
 from torchvision.ops import deform_conv2d

@@ -125,7 +125,7 @@ def averaged_over_workers(tensor):
 def loss_gradients(loss, leaves):
     """d loss / d leaf for a dict of leaves, zeros where the loss does not reach a leaf."""
     names = list(leaves)
-    if not loss.requires_grad:  # DW's loss_loc without GT boxes (official quirk D10)
+    if not loss.requires_grad:  # DW's loss_loc without GT boxes: a constant, as officially
         return {name: torch.zeros_like(leaves[name]) for name in names}
     grads = torch.autograd.grad(loss, [leaves[name] for name in names], retain_graph=True,
                                 allow_unused=True)

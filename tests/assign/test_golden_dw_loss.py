@@ -41,7 +41,8 @@ def test_gradients_match(golden_dw_loss_case, assert_golden_gradients):
     if "grads" not in case:
         pytest.skip(f"{case['name']} stores no gradients")
     inputs = {name: case[name].clone().requires_grad_() for name in INPUTS}
-    # The golden gradients come from the run with the float64 negative normaliser (README D9).
+    # The golden gradients come from the official code run with its float32 rounding of the
+    # negative normaliser neutralised (it only scales loss_cls_neg's gradient).
     losses = run(case, inputs, round_neg_normaliser_to_float32=False)
     assert set(case["grads"]) == set(LOSSES)
     assert_golden_gradients(losses, inputs, case["grads"])

@@ -151,7 +151,8 @@ def test_dw_without_any_gt_box():
     batch = with_leaves(make_batch(gt_per_image=(0, 0)), DW_INPUTS)
     losses = run_dw(batch)
     assert losses["loss_cls_pos"].item() == 0 and losses["loss_loc"].item() == 0
-    # Official quirk (D10): the localisation loss has no graph; the positive one keeps it.
+    # As the official code: the localisation loss has no graph (mmdet's IoU of no boxes is a
+    # fresh tensor); the positive one keeps it.
     assert not losses["loss_loc"].requires_grad and losses["loss_cls_pos"].requires_grad
     assert losses["loss_cls_neg"].item() > 0
     sum(losses.values()).backward()
@@ -162,7 +163,7 @@ def test_dw_without_any_gt_box():
 def test_autoassign_without_any_gt_box():
     batch = with_leaves(make_batch(gt_per_image=(0, 0), offset=0.0), AA_INPUTS)
     losses = run_aa(batch)
-    # Official (A9): zero losses that keep a graph to the boxes and the prior.
+    # As the official code: zero losses that keep a graph to the boxes and the prior.
     assert losses["loss_pos"].item() == 0 and losses["loss_center"].item() == 0
     assert losses["loss_pos"].requires_grad and losses["loss_center"].requires_grad
     assert losses["loss_neg"].item() > 0

@@ -16,7 +16,7 @@ ROW_KEYS = {
 }
 
 
-def test_coco_input_has_the_issue_point_count():
+def test_coco_input_has_22400_points():
     height, width = bench.padded_size(800, 1333)
     assert (height, width) == (800, 1344)
     sizes = bench.feature_sizes(height, width)
