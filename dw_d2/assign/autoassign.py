@@ -99,8 +99,8 @@ def autoassign_losses(batch: DenseBatch, prior_mean, prior_sigma, *, giou_weight
     gt = batch.gt
     with autocast_disabled(batch.device):
         prior_mean, prior_sigma = prior_mean.to(batch.dtype), prior_sigma.to(batch.dtype)
-        # 1. The candidates of each GT box (with MMDetection's force_topk for boxes that
-        # contain no point) and their learnable centre prior G.
+        # Centre prior: the candidates of each GT box (with MMDetection's force_topk for boxes
+        # that contain no point) and their learnable prior G.
         pairs = find_candidate_pairs(batch.points, gt)
         if force_topk:
             pairs = add_topk_pairs_for_empty_boxes(pairs, batch.points, gt, prior_mean,
@@ -111,8 +111,9 @@ def autoassign_losses(batch: DenseBatch, prior_mean, prior_sigma, *, giou_weight
         prior = center_prior(pair.points, pair.strides, box_centers(pair.boxes), gt_mean,
                              gt_sigma)
 
-        # 3. The negative weight at the entries (r, c_m), from each candidate's best IoU over
-        # its image's GT boxes (no gradient); 1 everywhere else.
+        # Negative weight w-, at the entries (r, c_m), from each candidate's best IoU over its
+        # image's GT boxes (no gradient); 1 everywhere else. The negative term's sweep also
+        # gives S at the entries, which the positive needs.
         iou = best_iou_at_candidates(batch.points.points, batch.box_dists, pair.rows, gt.boxes,
                                      gt.counts, box_eps)
         entries = score_entries(batch, pair)
@@ -125,8 +126,8 @@ def autoassign_losses(batch: DenseBatch, prior_mean, prior_sigma, *, giou_weight
             lambda scores: focal_negative_term(scores * neg_values, 2.0), 2.0)
         p_cls = entry_scores.index_select(0, entries.entry_of_pair)  # S[r, c_m]
 
-        # 2. The positive: per GT, a confidence- and prior-weighted mean of p_pos (w+ keeps
-        # its graph).
+        # Positive: per GT, a confidence- and prior-weighted mean of p_pos (w+ keeps its
+        # graph).
         _, giou = pair_overlaps(pair, box_eps)
         p_pos = p_cls * torch.exp(-(giou_weight * (1 - giou)))
         weighted_prior = torch.exp(p_pos * confidence_temperature) * prior
@@ -138,7 +139,8 @@ def autoassign_losses(batch: DenseBatch, prior_mean, prior_sigma, *, giou_weight
         gt_p_pos = gt_p_pos.clamp(max=1)
         pos_sum = bce_with_one_target(gt_p_pos).sum()
 
-        # 4. Centre: M_i / sum G_i per image with candidates; 0 (still on the graph) otherwise.
+        # Centre loss: M_i / sum G_i per image with candidates; 0 (still on the graph)
+        # otherwise.
         # Accumulated in float64: an image's ~10^5 pairs would drift by ~1e-5 in float32.
         image_prior_sum = segment_sum(prior.double(), pairs.per_image).to(batch.dtype)
         has_candidates = torch.bincount(pairs.image, minlength=batch.num_images) > 0

@@ -90,7 +90,7 @@ def dual_weighting_losses(batch: DenseBatch, *, center_prior_sigma, pos_num_exp,
     """:func:`dual_weighting_loss` of a prepared batch (the score logits are the centerness)."""
     gt = batch.gt
     with autocast_disabled(batch.device):
-        # 1. The candidates of each GT box and their fixed centre prior G.
+        # Centre prior: the candidates of each GT box and their fixed prior G.
         pairs = find_candidate_pairs(batch.points, gt)
         pair = gather_pairs(batch, pairs)
         sigma = torch.tensor(center_prior_sigma, dtype=batch.dtype, device=batch.device)
@@ -101,7 +101,8 @@ def dual_weighting_losses(batch: DenseBatch, *, center_prior_sigma, pos_num_exp,
         iou = iou.detach()
         p_loc = torch.exp(-(1 - giou) * loc_beta)
 
-        # 3. The negative weight at the entries (r, c_m); 1 everywhere else.
+        # Negative weight w-, at the entries (r, c_m) (1 everywhere else); it needs only the
+        # IoU, and the negative term's sweep also gives S at the entries, which w+ needs.
         entries = score_entries(batch, pair)
         with torch.no_grad():
             neg_values = resolve_pair_values(
@@ -113,7 +114,7 @@ def dual_weighting_losses(batch: DenseBatch, *, center_prior_sigma, pos_num_exp,
             lambda scores: neg_values * focal_negative_term(scores, neg_gamma), neg_gamma)
         p_cls = entry_scores.index_select(0, entries.entry_of_pair)  # S[r, c_m]
 
-        # 2. The positive weight, detached (as in the official head): scores and boxes learn
+        # Positive weight w+, detached (as in the official head): scores and boxes learn
         # only through the BCE terms it weights, never by moving the weights themselves.
         with torch.no_grad():
             p_pos = p_cls * p_loc
@@ -122,7 +123,7 @@ def dual_weighting_losses(batch: DenseBatch, *, center_prior_sigma, pos_num_exp,
                                       pairs.per_gt).clamp(min=EPS)
             pos_weight = numerator / denominator.index_select(0, pairs.gt)
 
-        # 4. The losses and their normalisers.
+        # Losses and their normalisers.
         cls_pos_sum = (bce_with_one_target(p_cls) * pos_weight).sum()
         loc_sum = (bce_with_one_target(p_loc) * pos_weight).sum()
         pos_avg_factor = num_gt_normaliser(batch)
