@@ -69,7 +69,7 @@ def detector_points(cfg) -> Tuple[List[int], float, List[str]]:
     """(strides, point offset, level names) of the detector a config builds, finest first.
 
     The model is built on the CPU without weights, so its points are the ones training uses:
-    the DW detector's ``strides`` and ``point_offset`` (``MODEL.DW.POINT_OFFSET``, or the
+    the DW detector's ``strides`` and ``point_offset`` (``MODEL.ASSIGNER.POINT_OFFSET``, or the
     scheme's reference value); for another dense detector its anchor generator's offset.
     """
     from detectron2.modeling import build_model

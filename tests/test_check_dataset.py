@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from shapes_subsets import unregister
 
 from dw_d2.check_dataset import detector_points, main
 from dw_d2.viz.tool_config import load_config
+from tests.helpers import BUILTIN_DW_CONFIG, REPO
+from tests.shapes_subsets import unregister
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIG = str(REPO / "configs" / "Builtin" / "dw_R_18_FPN_shapes.yaml")
+CONFIG = str(BUILTIN_DW_CONFIG)
 
 
 def test_builtin_datasets_pass_with_a_summary_and_pictures(tmp_path, capsys):
@@ -101,7 +101,7 @@ def test_bad_command_lines(tmp_path, capsys):
 def test_detector_points_of_the_schemes():
     assert detector_points(load_config(CONFIG)) == ([8, 16, 32, 64, 128], 0.5,
                                                     ["p3", "p4", "p5", "p6", "p7"])
-    autoassign = load_config(CONFIG, ["MODEL.DW.ASSIGNER", "AutoAssign",
+    autoassign = load_config(CONFIG, ["MODEL.ASSIGNER.NAME", "AutoAssign",
                                       "MODEL.DW.BOX_REFINEMENT", "False"])
     assert detector_points(autoassign)[1] == 0.0
 

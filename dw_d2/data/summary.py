@@ -13,13 +13,13 @@ P3-P7):
   orientation only: **DW and AutoAssign have no scale ranges**; every point strictly inside a
   box, on every level, is a candidate, and the weighting decides.
 * **Points inside a box.** A level of stride s has its points at ((x + o)s, (y + o)s) for
-  integer x, y >= 0 (o is ``MODEL.DW.POINT_OFFSET``: 0.5 for DW, 0 for AutoAssign). The points
+  integer x, y >= 0 (o is ``MODEL.ASSIGNER.POINT_OFFSET``: 0.5 for DW, 0 for AutoAssign). The points
   strictly inside a box [x1, x2] x [y1, y2] are the integers x with x1/s - o < x < x2/s - o
   (likewise for y): ``ceil(x2/s - o) - floor(x1/s - o) - 1`` columns. A box wider and higher
   than s always contains a point of that level; a box whose width or height is at most s
   may contain none, depending on where it lies. A box that contains no point of any level is
   never a candidate: the detector cannot learn it (AutoAssign's
-  ``MODEL.AUTOASSIGN.FORCE_TOPK`` gives such boxes their nearest points instead).
+  ``MODEL.ASSIGNER.AUTOASSIGN.FORCE_TOPK`` gives such boxes their nearest points instead).
 
 Training resizes to several sizes when ``INPUT.MIN_SIZE_TRAIN`` has several; the summary uses
 the smallest and the largest, and the test size. It ignores the horizontal flip (with o = 0.5

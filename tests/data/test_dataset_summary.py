@@ -10,7 +10,7 @@ from detectron2.data.detection_utils import build_augmentation
 from detectron2.structures import BoxMode, ImageList
 from PIL import Image
 
-from dw_d2.assign.pairs import concat_ground_truth, find_candidate_pairs
+from dw_d2.assign.candidates import concat_ground_truth, find_candidate_pairs
 from dw_d2.data.summary import (
     InputScale,
     fcos_levels,
@@ -19,7 +19,7 @@ from dw_d2.data.summary import (
     points_inside,
     summarize_dataset,
 )
-from dw_d2.modeling.points import level_points
+from dw_d2.points import PointGrid
 from dw_d2.viz.dataset_summary import plot_dataset_summary
 from dw_d2.viz.tool_config import load_config
 
@@ -120,16 +120,14 @@ def test_no_point_agrees_with_the_detectors_candidates_on_the_builtin_dataset():
         mapped = mapper(dict(record, annotations=[dict(a) for a in record["annotations"]]))
         boxes = mapped["instances"].gt_boxes.tensor.double()
         padded = ImageList.from_tensors([mapped["image"]], size_divisibility=32).tensor.shape
-        levels = [level_points(-(-padded[-2] // s), -(-padded[-1] // s), s, 0.5,
-                               dtype=torch.float64) for s in strides]
-        point_strides = torch.cat([torch.full((len(p),), float(s), dtype=torch.float64)
-                                   for p, s in zip(levels, strides)])
+        points = PointGrid(strides, 0.5)(
+            [(-(-padded[-2] // s), -(-padded[-1] // s)) for s in strides], dtype=torch.float64)
         gt = concat_ground_truth([boxes], [torch.zeros(len(boxes), dtype=torch.long)],
                                  torch.float64, torch.device("cpu"))
-        pairs = find_candidate_pairs(torch.cat(levels), gt, point_strides)
+        pairs = find_candidate_pairs(points, gt)
         no_candidate += (pairs.per_gt == 0).tolist()
         in_p3 = torch.zeros(len(boxes), dtype=torch.long)
-        in_p3.index_add_(0, pairs.gt, (pairs.point < len(levels[0])).long())
+        in_p3.index_add_(0, pairs.gt, (pairs.point < points.level_starts[1]).long())
         no_p3 += (in_p3 == 0).tolist()
     at_scale = summary.scales[0]
     assert sum(no_candidate) == at_scale.no_point_at_all > 0

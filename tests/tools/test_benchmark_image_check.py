@@ -2,9 +2,7 @@
 passes, and the second run is answered by the cache without reading a header."""
 import json
 
-from tool_modules import load_tool
-
-bench = load_tool("benchmark_image_check")
+from tools import benchmark_image_check as bench
 
 
 def test_benchmark_rows_on_a_small_dataset(tmp_path, capsys):
