@@ -3,7 +3,12 @@
 Importing this package registers ``dw_shapes_train`` and ``dw_shapes_val`` (generated on first
 load under ``$DW_D2_DATASETS/dw_shapes``; see :mod:`dw_d2.data.shapes`).
 """
-from .build import ResumableTrainLoader, build_resumable_train_loader, load_training_dataset_dicts
+from .build import (
+    ResumableTrainLoader,
+    build_resumable_train_loader,
+    check_evaluation_dataset,
+    load_training_dataset_dicts,
+)
 from .samplers import ResumableBatchSampler, aspect_ratio_group_ids
 from .shapes import (
     SHAPE_CLASSES,
@@ -12,18 +17,33 @@ from .shapes import (
     prepare_dataset,
     register_shapes_dataset,
 )
-from .validation import AnnotationError, load_dataset_dicts, validate_dataset_dicts
+from .validation import (
+    AnnotationChange,
+    AnnotationError,
+    ImageFileError,
+    check_annotations,
+    check_image_files,
+    find_image_file_problems,
+    load_dataset_dicts,
+    validate_dataset_dicts,
+)
 
 register_shapes_dataset()
 
 __all__ = [
+    "AnnotationChange",
     "AnnotationError",
+    "ImageFileError",
     "ResumableBatchSampler",
     "ResumableTrainLoader",
     "SHAPE_CLASSES",
     "aspect_ratio_group_ids",
     "build_resumable_train_loader",
+    "check_annotations",
+    "check_evaluation_dataset",
+    "check_image_files",
     "ensure_shapes_dataset",
+    "find_image_file_problems",
     "generate_shapes_dataset",
     "load_dataset_dicts",
     "load_training_dataset_dicts",
