@@ -10,8 +10,9 @@ way on the gloo backend: same arguments, same ranks, the same ``detectron2.utils
 
 Several processes on the CPU share its cores: unless ``OMP_NUM_THREADS`` is set, each one
 uses ``cores // processes per machine`` threads (at least one), as ``torchrun`` limits them.
-PyTorch's default, all cores in every process, oversubscribes the machine: on 2 cores, 2
-processes of 2 threads each trained several times slower than 2 processes of 1 thread.
+PyTorch's default, all cores in every process, oversubscribes the machine: on a shared 2-core
+machine, 2 processes of 2 threads each trained a small DW model at 5.8 s per iteration, 2
+processes of 1 thread at 0.5 to 0.6 s.
 """
 import functools
 import logging
