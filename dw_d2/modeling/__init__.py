@@ -4,6 +4,7 @@ from .center_prior import CenterPrior
 from .head import DWHead
 from .meta_arch import DWDetector
 from .points import PointGrid, level_points
+from .timm_backbone import build_dw_timm_fpn_backbone
 
 __all__ = [
     "DWDetector",
@@ -12,4 +13,5 @@ __all__ = [
     "PointGrid",
     "level_points",
     "build_dw_resnet_fpn_backbone",
+    "build_dw_timm_fpn_backbone",
 ]
