@@ -145,3 +145,24 @@ def test_config_builds_p3_to_p7_from_the_packaged_weights():
     assert {s.channels for s in shapes.values()} == {cfg.MODEL.FPN.OUT_CHANNELS}
     features = backbone(torch.rand(1, 3, 128, 128))
     assert features["p7"].shape[-2:] == (1, 1)
+
+
+def test_main_job_detector_trains_a_step_on_the_pretrained_backbone():
+    from detectron2.modeling import build_model
+    from detectron2.structures import Boxes, Instances
+
+    cfg = get_cfg()
+    add_dw_config(cfg)
+    cfg.merge_from_file(str(LITE0_CONFIG))
+    cfg.merge_from_list(["MODEL.TIMM.FREEZE_AT", 2, "MODEL.TIMM.NORM", "FrozenBN"])
+    model = build_model(cfg).train()
+    instances = Instances((96, 128))
+    instances.gt_boxes = Boxes(torch.tensor([[10.0, 12.0, 50.0, 60.0]]))
+    instances.gt_classes = torch.tensor([2])
+    batch = [{"image": torch.randint(0, 256, (3, 96, 128)).float(), "instances": instances}]
+    losses = model(batch)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    stem = model.backbone.bottom_up.features.conv_stem.weight
+    assert stem.grad is None and not stem.requires_grad
+    assert model.backbone.bottom_up.features.blocks[6][0].conv_pw.weight.grad is not None
