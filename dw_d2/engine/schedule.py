@@ -17,8 +17,9 @@ def schedule_in_iterations(cfg):
     """``cfg`` with ``SOLVER.STEPS`` / ``SOLVER.WARMUP_ITERS`` computed from
     ``SOLVER.STEP_FRACTIONS`` / ``SOLVER.WARMUP_FRACTION`` when those are set.
 
-    A step lands at ``round(fraction * MAX_ITER)`` (at least 1); steps are strictly increasing
-    fractions in (0, 1). The warm-up fraction is in [0, 1]. A config without the fraction keys,
+    A step lands at ``round(fraction * MAX_ITER)`` (at least 1; in a run so short that two
+    steps round onto the same iteration, or onto ``MAX_ITER``, the extra ones are dropped);
+    steps are strictly increasing fractions in (0, 1). The warm-up fraction is in [0, 1]. A config without the fraction keys,
     or with them unset (``()`` / negative), is returned unchanged.
 
     Returns:
@@ -40,7 +41,10 @@ def schedule_in_iterations(cfg):
     cfg = cfg.clone()
     cfg.defrost()
     if fractions:
-        cfg.SOLVER.STEPS = tuple(max(1, round(f * max_iter)) for f in fractions)
+        # Very short runs: steps that round onto each other or onto MAX_ITER (where
+        # Detectron2's scheduler refuses them) are dropped.
+        steps = sorted({max(1, round(f * max_iter)) for f in fractions})
+        cfg.SOLVER.STEPS = tuple(s for s in steps if s < max_iter)
     if warmup >= 0:
         cfg.SOLVER.WARMUP_ITERS = round(warmup * max_iter)
     logger.info(f"Schedule for SOLVER.MAX_ITER {max_iter}: LR steps at {tuple(cfg.SOLVER.STEPS)}"

@@ -57,3 +57,12 @@ def test_unset_fractions_leave_the_iteration_keys():
 def test_bad_fractions_are_errors_naming_the_key(opts, key):
     with pytest.raises(ValueError, match=key):
         schedule_in_iterations(solver_cfg("SOLVER.MAX_ITER", 100, *opts))
+
+
+def test_very_short_runs_keep_only_distinct_steps_before_the_end():
+    cfg = solver_cfg("SOLVER.MAX_ITER", 2, "SOLVER.STEP_FRACTIONS", (0.75, 0.92),
+                     "SOLVER.WARMUP_FRACTION", 0.1)
+    assert tuple(schedule_in_iterations(cfg).SOLVER.STEPS) == ()
+    cfg.SOLVER.MAX_ITER = 10
+    assert tuple(schedule_in_iterations(cfg).SOLVER.STEPS) == (8, 9)
+    assert len(lr_per_iteration(cfg)) == 10
