@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 CONFIG ?= configs/Builtin/dw_lite0_FPN_shapes.yaml
 OUTPUT ?= output/shapes_dw
 
-.PHONY: setup run test test-fast bench compare env clean
+.PHONY: setup run test test-fast bench compare check-data env clean
 
 setup:
 	@bash tools/setup_env.sh
@@ -25,6 +25,11 @@ bench: setup
 
 compare: setup
 	$(PY) tools/compare.py $(COMPARE_ARGS)
+
+# Run the dataset checks of training without training, print a summary and write its picture:
+#   make check-data CONFIG=configs/... DATASETS="my_train my_val" OPTS="MODEL.DW.NUM_CLASSES 3"
+check-data: setup
+	$(PY) -m dw_d2.check_dataset --config-file $(CONFIG) $(addprefix --dataset=,$(DATASETS)) $(OPTS)
 
 env: setup
 	$(PY) -m dw_d2.env

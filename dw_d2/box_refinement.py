@@ -7,13 +7,19 @@ one group per channel). The refined distances are measured from each point to th
 box. This module does the same with plain bilinear sampling, so it runs on any device without
 compiled ops and is differentiable with respect to both the distances and the offsets.
 
-All helpers work on one level and are vectorised over the batch and the map.
+All helpers work on one level and are vectorised over the batch and the map. The detector's
+head refines with :func:`refine_box_distances_at`, which takes the level's points from the
+head's :class:`~dw_d2.points.PointLayout`; :func:`refine_box_distances` places the points
+itself.
 """
 import torch
 from torch import Tensor
 
+from .points import level_points
+
 __all__ = [
     "refine_box_distances",
+    "refine_box_distances_at",
     "decode_box_map",
     "box_to_distance_map",
     "edge_sampling_offsets",
@@ -43,6 +49,15 @@ def _cell_grid(height: int, width: int, dtype, device):
     return torch.meshgrid(ys, xs, indexing="ij")
 
 
+def _point_maps(points: Tensor, height: int, width: int):
+    """(H * W, 2) row-major points -> their x and y, each (H, W)."""
+    if tuple(points.shape) != (height * width, 2):
+        raise ValueError(f"points must have shape (H * W, 2) = {(height * width, 2)} to match "
+                         f"the map, got {tuple(points.shape)}")
+    point_x, point_y = points.t().reshape(2, height, width)
+    return point_x, point_y
+
+
 def decode_box_map(box_dists: Tensor, stride: float, point_offset: float = 0.5) -> Tensor:
     """Turn a distance map into a map of absolute boxes.
 
@@ -55,9 +70,11 @@ def decode_box_map(box_dists: Tensor, stride: float, point_offset: float = 0.5) 
         (N, 4, H, W) boxes (x1, y1, x2, y2) in pixels: (px - l, py - t, px + r, py + b).
     """
     _, _, h, w = box_dists.shape
-    ys, xs = _cell_grid(h, w, box_dists.dtype, box_dists.device)
-    point_x = (xs + point_offset) * stride
-    point_y = (ys + point_offset) * stride
+    points = level_points(h, w, stride, point_offset, box_dists.dtype, box_dists.device)
+    return _decode(box_dists, *_point_maps(points, h, w))
+
+
+def _decode(box_dists: Tensor, point_x: Tensor, point_y: Tensor) -> Tensor:
     left, top, right, bottom = box_dists.unbind(dim=1)
     return torch.stack(
         (point_x - left, point_y - top, point_x + right, point_y + bottom), dim=1
@@ -151,16 +168,34 @@ def refine_box_distances(
         inside for the same reason.
     """
     _check_level_inputs(box_dists, offsets, stride)
+    _, _, h, w = box_dists.shape
+    compute_dtype = torch.promote_types(box_dists.dtype, torch.float32)
+    points = level_points(h, w, stride, point_offset, compute_dtype, box_dists.device)
+    return refine_box_distances_at(box_dists, offsets, stride, points)
+
+
+def refine_box_distances_at(box_dists: Tensor, offsets: Tensor, stride: float,
+                            points: Tensor) -> Tensor:
+    """:func:`refine_box_distances` at given points.
+
+    Args:
+        points: (H * W, 2) the level's points, row-major: the level's part of the head's
+            :class:`~dw_d2.points.PointLayout`.
+        The others as in :func:`refine_box_distances`.
+    """
+    _check_level_inputs(box_dists, offsets, stride)
+    _, _, h, w = box_dists.shape
     compute_dtype = torch.promote_types(box_dists.dtype, torch.float32)
     with torch.autocast(device_type=box_dists.device.type, enabled=False):
         box_dists = box_dists.to(compute_dtype)
         offsets = offsets.to(compute_dtype)
-        coarse_boxes = decode_box_map(box_dists, stride, point_offset)
+        point_x, point_y = _point_maps(points.to(compute_dtype), h, w)
+        coarse_boxes = _decode(box_dists, point_x, point_y)
         sampling_offsets = edge_sampling_offsets(box_dists, offsets, stride)
         # The samples are absolute coordinates: a sample outside the map reads 0, not the
         # point's own coordinate (as in the official head).
         refined_boxes = sample_bilinear_per_channel(coarse_boxes, sampling_offsets)
-        return torch.relu(box_to_distance_map(refined_boxes, stride, point_offset))
+        return torch.relu(_to_distances(refined_boxes, point_x, point_y))
 
 
 def box_to_distance_map(boxes: Tensor, stride: float, point_offset: float = 0.5) -> Tensor:
@@ -175,8 +210,10 @@ def box_to_distance_map(boxes: Tensor, stride: float, point_offset: float = 0.5)
         lies outside its box.
     """
     _, _, h, w = boxes.shape
-    ys, xs = _cell_grid(h, w, boxes.dtype, boxes.device)
-    point_x = (xs + point_offset) * stride
-    point_y = (ys + point_offset) * stride
+    points = level_points(h, w, stride, point_offset, boxes.dtype, boxes.device)
+    return _to_distances(boxes, *_point_maps(points, h, w))
+
+
+def _to_distances(boxes: Tensor, point_x: Tensor, point_y: Tensor) -> Tensor:
     x1, y1, x2, y2 = boxes.unbind(dim=1)
     return torch.stack((point_x - x1, point_y - y1, x2 - point_x, y2 - point_y), dim=1)

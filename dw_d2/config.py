@@ -3,14 +3,12 @@ from detectron2.config import CfgNode as CN
 
 
 def add_dw_config(cfg):
-    """Add the ``MODEL.DW`` (head, DW weighting, inference) and ``MODEL.AUTOASSIGN`` keys.
+    """Add the ``MODEL.DW`` (head and inference) and ``MODEL.ASSIGNER`` (label assignment) keys.
 
     Every default is the official implementation's value; the configs in ``configs/`` only
     override what differs from Detectron2's own defaults.
     """
     cfg.MODEL.DW = CN()
-    # Label assignment scheme: "DW" (dual weighting) or "AutoAssign".
-    cfg.MODEL.DW.ASSIGNER = "DW"
     cfg.MODEL.DW.NUM_CLASSES = 80
     cfg.MODEL.DW.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
     cfg.MODEL.DW.NUM_CONVS = 4
@@ -20,39 +18,66 @@ def add_dw_config(cfg):
     cfg.MODEL.DW.DISTANCE_BIAS_INIT = 4.0
     # DW's box refinement branch (an 8-channel offset conv on the regression tower).
     cfg.MODEL.DW.BOX_REFINEMENT = True
-    # Where the point of feature cell (y, x) sits: ((x + o) * s, (y + o) * s). None means the
-    # scheme's reference value: 0.5 for DW, 0.0 for AutoAssign (MMDetection's generator).
-    cfg.MODEL.DW.POINT_OFFSET = None
-    # Where a point is a candidate of several GT boxes of the same class, which negative
-    # weight wins: "last_gt" (the official code's behaviour on CPU: the highest GT index) or
-    # "min" (the smallest of them; independent of the order of the GT boxes).
-    cfg.MODEL.DW.DUPLICATE_RULE = "last_gt"
-
-    # DW weighting hyper-parameters (official values).
-    cfg.MODEL.DW.CENTER_PRIOR_SIGMA = 1.11
-    cfg.MODEL.DW.POS_NUM_EXP = 5.0  # exponent of the positive weight's numerator
-    cfg.MODEL.DW.POS_DEN_EXP = 3.0  # exponent of its denominator
-    cfg.MODEL.DW.LOC_BETA = 5.0  # p_loc = exp(-beta * (1 - GIoU))
-    cfg.MODEL.DW.NEG_IOU_THRESH = 0.5
-    cfg.MODEL.DW.NEG_GAMMA = 2.0
-    cfg.MODEL.DW.POS_LOSS_WEIGHT = 0.25
-    cfg.MODEL.DW.LOC_LOSS_WEIGHT = 0.25
 
     # Inference.
     cfg.MODEL.DW.SCORE_THRESH_TEST = 0.05
     cfg.MODEL.DW.TOPK_CANDIDATES_TEST = 1000
     cfg.MODEL.DW.NMS_THRESH_TEST = 0.6
 
-    cfg.MODEL.AUTOASSIGN = CN()
-    cfg.MODEL.AUTOASSIGN.GIOU_WEIGHT = 5.0  # p_loc = exp(-5 * (1 - GIoU))
-    cfg.MODEL.AUTOASSIGN.CONFIDENCE_TEMPERATURE = 3.0
-    cfg.MODEL.AUTOASSIGN.POS_LOSS_WEIGHT = 0.25
-    cfg.MODEL.AUTOASSIGN.NEG_LOSS_WEIGHT = 0.75
-    cfg.MODEL.AUTOASSIGN.CENTER_LOSS_WEIGHT = 0.75
+    _add_assigner_config(cfg)
+
+
+def _add_assigner_config(cfg):
+    """``MODEL.ASSIGNER``: the label-assignment scheme, its common keys, then one node of
+    hyper-parameters per built-in scheme (a scheme added elsewhere brings its own node)."""
+    cfg.MODEL.ASSIGNER = CN()
+    # The scheme, by its name in dw_d2.ASSIGNER_REGISTRY: "DW" or "AutoAssign" built in
+    # (matched case-insensitively).
+    cfg.MODEL.ASSIGNER.NAME = "DW"
+    # Where the point of feature cell (y, x) sits: ((x + o) * s, (y + o) * s). None means the
+    # scheme's reference value: 0.5 for DW, 0.0 for AutoAssign (MMDetection's generator).
+    cfg.MODEL.ASSIGNER.POINT_OFFSET = None
+    # Where a point is a candidate of several GT boxes of the same class, which negative
+    # weight wins: "last_gt" (the official code's behaviour on CPU: the highest GT index) or
+    # "min" (the smallest of them; independent of the order of the GT boxes).
+    cfg.MODEL.ASSIGNER.DUPLICATE_RULE = "last_gt"
+
+    # DW (official values).
+    cfg.MODEL.ASSIGNER.DW = CN()
+    cfg.MODEL.ASSIGNER.DW.CENTER_PRIOR_SIGMA = 1.11
+    cfg.MODEL.ASSIGNER.DW.POS_NUM_EXP = 5.0  # exponent of the positive weight's numerator
+    cfg.MODEL.ASSIGNER.DW.POS_DEN_EXP = 3.0  # exponent of its denominator
+    cfg.MODEL.ASSIGNER.DW.LOC_BETA = 5.0  # p_loc = exp(-beta * (1 - GIoU))
+    cfg.MODEL.ASSIGNER.DW.NEG_IOU_THRESH = 0.5
+    cfg.MODEL.ASSIGNER.DW.NEG_GAMMA = 2.0
+    cfg.MODEL.ASSIGNER.DW.POS_LOSS_WEIGHT = 0.25
+    cfg.MODEL.ASSIGNER.DW.LOC_LOSS_WEIGHT = 0.25
+
+    # AutoAssign (MMDetection 2.25's values).
+    cfg.MODEL.ASSIGNER.AUTOASSIGN = CN()
+    cfg.MODEL.ASSIGNER.AUTOASSIGN.GIOU_WEIGHT = 5.0  # p_loc = exp(-5 * (1 - GIoU))
+    cfg.MODEL.ASSIGNER.AUTOASSIGN.CONFIDENCE_TEMPERATURE = 3.0
+    cfg.MODEL.ASSIGNER.AUTOASSIGN.POS_LOSS_WEIGHT = 0.25
+    cfg.MODEL.ASSIGNER.AUTOASSIGN.NEG_LOSS_WEIGHT = 0.75
+    cfg.MODEL.ASSIGNER.AUTOASSIGN.CENTER_LOSS_WEIGHT = 0.75
     # MMDetection's option for GT boxes that contain no point: their top-k points by centre
     # prior become candidates.
-    cfg.MODEL.AUTOASSIGN.FORCE_TOPK = False
-    cfg.MODEL.AUTOASSIGN.TOPK = 9
+    cfg.MODEL.ASSIGNER.AUTOASSIGN.FORCE_TOPK = False
+    cfg.MODEL.ASSIGNER.AUTOASSIGN.TOPK = 9
+
+    # Keys of earlier dw-d2 configs: merging one names the key that replaces it.
+    renamed = {"MODEL.DW.ASSIGNER": "MODEL.ASSIGNER.NAME",
+               "MODEL.DW.POINT_OFFSET": "MODEL.ASSIGNER.POINT_OFFSET",
+               "MODEL.DW.DUPLICATE_RULE": "MODEL.ASSIGNER.DUPLICATE_RULE",
+               "MODEL.AUTOASSIGN": "MODEL.ASSIGNER.AUTOASSIGN"}
+    for key in cfg.MODEL.ASSIGNER.DW:
+        renamed[f"MODEL.DW.{key}"] = f"MODEL.ASSIGNER.DW.{key}"
+    for key in cfg.MODEL.ASSIGNER.AUTOASSIGN:  # as command-line options name them
+        renamed[f"MODEL.AUTOASSIGN.{key}"] = f"MODEL.ASSIGNER.AUTOASSIGN.{key}"
+    for old, new in renamed.items():
+        if not cfg.key_is_renamed(old):
+            cfg.register_renamed_key(
+                old, new, "dw-d2's label-assignment keys are under MODEL.ASSIGNER")
 
     _add_pretrained_backbone_and_schedule_config(cfg)
 

@@ -4,16 +4,18 @@
 Three sections, measured in one run so that their ratios compare like with like:
 
 weighting
-    DW and AutoAssign weighting + loss, forward and forward + backward, at COCO-like sizes
-    (an 800x1333 input padded to 800x1344: 22,400 points over strides 8-128; 80 classes;
-    2 images; 1, 10, 50 and 100 GT boxes per image): ``dw_d2``'s vectorised functions
-    against the per-GT-loop reference of ``tools/reference_weighting.py`` (the official
-    code's approach). Both run on the same inputs in the same process; the table reports
+    Weighting + loss of every assignment scheme of ``dw_d2.ASSIGNER_REGISTRY`` that has a
+    per-GT-loop reference (DW and AutoAssign), forward and forward + backward, at COCO-like
+    sizes (an 800x1333 input padded to 800x1344: 22,400 points over strides 8-128;
+    80 classes; 2 images; 1, 10, 50 and 100 GT boxes per image): ``dw_d2``'s assigner,
+    called as the detector calls it, against the per-GT-loop reference of
+    :mod:`dw_d2.assign.reference` (the official code's approach). Both run on the same inputs in the same process; the table reports
     their largest relative difference (losses and input gradients), in the benchmark's dtype
     and, at one GT count, in float64.
 detectors
     Whole training step (forward, backward, SGD step) and inference latency of the DW
-    detector (box refinement on) and of AutoAssign, against Detectron2's FCOS and RetinaNet,
+    detector (box refinement on) and of the other schemes (AutoAssign), against Detectron2's
+    FCOS and RetinaNet,
     all on the same backbone and input; peak training memory (CPU: the resident-set peak of
     a fresh process per model; CUDA: ``max_memory_allocated``).
 scaling
@@ -34,7 +36,6 @@ Examples::
     python tools/benchmark.py --device cuda --backbone R-50 --det-size 800 1333  # COCO scale
 """
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -52,12 +53,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 STRIDES = (8, 16, 32, 64, 128)
 SECTIONS = ("weighting", "detectors", "scaling")
-SCHEMES = ("DW", "AutoAssign")
-DETECTORS = ("DW", "AutoAssign", "FCOS", "RetinaNet")
+BASELINES = ("FCOS", "RetinaNet")
 BASELINE_DETECTOR = "FCOS"
-# Point offset of each scheme's official point generator (DESIGN.md section 2).
-POINT_OFFSET = {"DW": 0.5, "AutoAssign": 0.0}
-# Targets of issue 7: (measure, GT count or model) -> (comparison, bound) on the row's ratio.
+# The box refinement branch is DW's own; the other schemes run the head without it, as their
+# reference implementations do.
+BOX_REFINEMENT = {"DW": True}
+# Targets of the project: (measure, GT count or model) -> (comparison, bound) on the row's ratio.
 TARGETS = {
     ("weighting fwd+bwd", 50): (">=", 10.0),
     ("weighting fwd+bwd", 100): (">=", 20.0),
@@ -65,6 +66,36 @@ TARGETS = {
     ("inference", "DW"): ("<=", 1.05),
     ("peak train memory", "DW"): ("<=", 1.10),
 }
+
+
+# --------------------------------------------------------------------------------------------
+# The assignment schemes
+# --------------------------------------------------------------------------------------------
+def scheme_names():
+    """The schemes of ``dw_d2.ASSIGNER_REGISTRY`` that have a per-GT-loop reference."""
+    from dw_d2 import ASSIGNER_REGISTRY
+    from dw_d2.assign.reference import REFERENCE_LOSSES
+
+    return [name for name, _ in ASSIGNER_REGISTRY if name in REFERENCE_LOSSES]
+
+
+def detector_names():
+    """The detectors section b can build: every scheme, then Detectron2's baselines."""
+    return [*scheme_names(), *BASELINES]
+
+
+def build_scheme(scheme, num_classes, device="cpu"):
+    """The registered assigner ``scheme`` with its default (official) hyper-parameters."""
+    from detectron2.config import get_cfg
+
+    from dw_d2 import add_dw_config
+    from dw_d2.modeling import build_assigner
+
+    cfg = get_cfg()
+    add_dw_config(cfg)
+    cfg.MODEL.ASSIGNER.NAME = scheme
+    cfg.MODEL.DW.NUM_CLASSES = num_classes
+    return build_assigner(cfg).to(device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -82,14 +113,10 @@ def feature_sizes(height, width, strides=STRIDES):
 
 
 def make_points(sizes, offset, dtype, device, strides=STRIDES):
-    """(R, 2) points and (R,) strides, level-major and row-major (the library's layout)."""
-    points, point_strides = [], []
-    for (h, w), s in zip(sizes, strides):
-        ys, xs = torch.meshgrid(torch.arange(h, dtype=dtype, device=device),
-                                torch.arange(w, dtype=dtype, device=device), indexing="ij")
-        points.append(torch.stack(((xs.flatten() + offset) * s, (ys.flatten() + offset) * s), 1))
-        point_strides.append(torch.full((h * w,), float(s), dtype=dtype, device=device))
-    return torch.cat(points), torch.cat(point_strides)
+    """The :class:`~dw_d2.points.PointLayout` the head builds for these feature sizes."""
+    from dw_d2.points import PointGrid
+
+    return PointGrid(strides, offset)(sizes, dtype, device)
 
 
 def sample_gt_boxes(num_boxes, height, width, generator, dtype=torch.float32):
@@ -137,12 +164,17 @@ def make_weighting_inputs(scheme, height, width, num_images, gts_per_image, num_
     Returns:
         leaves: the differentiable inputs: ``cls_logits`` (N, R, C) (sigmoid around 0.03),
             ``box_dists`` (N, R, 4), ``score_logits`` (N, R, 1) (centerness / objectness,
-            sigmoid around 0.5) and, for AutoAssign, ``prior_mean`` / ``prior_sigma`` (C, 2).
-        fixed: ``points`` (R, 2), ``strides`` (R,), ``gt_boxes`` / ``gt_classes`` (N lists).
+            sigmoid around 0.5) and the assigner's parameters at their initial values, by
+            name (AutoAssign: ``prior_mean`` / ``prior_sigma`` (C, 2)).
+        fixed: ``scheme``, its ``assigner`` module, ``points`` (a PointLayout of R points),
+            ``gt_boxes`` / ``gt_classes`` (N lists).
     """
     generator = torch.Generator().manual_seed(seed)
+    assigner = build_scheme(scheme, num_classes, device)
     sizes = feature_sizes(*padded_size(height, width))
-    points, strides = make_points(sizes, POINT_OFFSET[scheme], torch.float64, "cpu")
+    layout = make_points(sizes, getattr(assigner, "reference_point_offset", 0.5), torch.float64,
+                         "cpu")
+    points, strides = layout.points, layout.strides
     gt_boxes, gt_classes, dists = [], [], []
     for _ in range(num_images):
         boxes = sample_gt_boxes(gts_per_image, height, width, generator, torch.float64)
@@ -156,13 +188,12 @@ def make_weighting_inputs(scheme, height, width, num_images, gts_per_image, num_
         "box_dists": torch.stack(dists),
         "score_logits": torch.randn(num_images, num_points, 1, generator=generator),
     }
-    if scheme == "AutoAssign":
-        leaves["prior_mean"] = torch.zeros(num_classes, 2)
-        leaves["prior_sigma"] = torch.ones(num_classes, 2)
+    leaves.update({name: p.detach().cpu() for name, p in assigner.named_parameters()})
     leaves = {k: v.to(dtype=dtype, device=device) for k, v in leaves.items()}
     fixed = {
-        "points": points.to(dtype=dtype, device=device),
-        "strides": strides.to(dtype=dtype, device=device),
+        "scheme": scheme,
+        "assigner": assigner,
+        "points": layout.to(dtype=dtype, device=device),
         "gt_boxes": [b.to(dtype=dtype, device=device) for b in gt_boxes],
         "gt_classes": [c.to(device) for c in gt_classes],
     }
@@ -172,49 +203,43 @@ def make_weighting_inputs(scheme, height, width, num_images, gts_per_image, num_
 def as_dtype(leaves, fixed, dtype):
     """The same inputs in another floating dtype."""
     return ({k: v.to(dtype) for k, v in leaves.items()},
-            dict(fixed, points=fixed["points"].to(dtype), strides=fixed["strides"].to(dtype),
+            dict(fixed, points=fixed["points"].to(dtype),
                  gt_boxes=[b.to(dtype) for b in fixed["gt_boxes"]]))
 
 
-def load_reference():
-    """``tools/reference_weighting.py``, loaded by path: it is a tool, not a package module."""
-    spec = importlib.util.spec_from_file_location(
-        "reference_weighting", REPO / "tools" / "reference_weighting.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def dw_d2_losses(leaves, fixed):
+    """The scheme's losses as the detector computes them: its assigner module, called on the
+    head's point layout, with ``leaves`` standing in for its parameters."""
+    assigner = fixed["assigner"]
+    parameters = {name: leaves[name] for name, _ in assigner.named_parameters()}
+    return torch.func.functional_call(
+        assigner, parameters, (fixed["points"], leaves["cls_logits"], leaves["box_dists"],
+                               leaves["score_logits"], fixed["gt_boxes"], fixed["gt_classes"]))
 
 
-def weighting_functions(scheme):
-    """(dw_d2's function, the per-GT-loop reference) of a scheme."""
-    import dw_d2
+def reference_losses(leaves, fixed):
+    """The same losses from the per-GT-loop oracle (:mod:`dw_d2.assign.reference`)."""
+    from dw_d2.assign.reference import REFERENCE_LOSSES
 
-    reference = load_reference()
-    if scheme == "DW":
-        return dw_d2.dual_weighting_loss, reference.reference_dual_weighting_loss
-    return dw_d2.autoassign_loss, reference.reference_autoassign_loss
-
-
-def call_weighting(function, scheme, leaves, fixed):
-    args = [fixed["points"], fixed["strides"], leaves["cls_logits"], leaves["box_dists"],
-            leaves["score_logits"], fixed["gt_boxes"], fixed["gt_classes"]]
-    if scheme == "AutoAssign":
-        args += [leaves["prior_mean"], leaves["prior_sigma"]]
-    return function(*args)
+    points = fixed["points"]
+    parameters = {name: leaves[name] for name, _ in fixed["assigner"].named_parameters()}
+    return REFERENCE_LOSSES[fixed["scheme"]](
+        points.points, points.strides, leaves["cls_logits"], leaves["box_dists"],
+        leaves["score_logits"], fixed["gt_boxes"], fixed["gt_classes"], **parameters)
 
 
-def weighting_step(function, scheme, leaves, fixed, backward):
-    """A closure running one forward (and backward) pass of a weighting function."""
+def weighting_step(losses_of, leaves, fixed, backward):
+    """A closure running one forward (and backward) pass of ``dw_d2_losses`` or
+    ``reference_losses``."""
     def run():
         for leaf in leaves.values():
             leaf.requires_grad_(backward)
             leaf.grad = None
         if not backward:
             with torch.no_grad():
-                call_weighting(function, scheme, leaves, fixed)
+                losses_of(leaves, fixed)
             return
-        losses = call_weighting(function, scheme, leaves, fixed)
+        losses = losses_of(leaves, fixed)
         sum(losses.values()).backward()
     return run
 
@@ -280,15 +305,15 @@ def relative_difference(actual, expected):
     return diff / scale if scale > 0 else diff
 
 
-def compare_implementations(fast, reference, scheme, leaves, fixed):
-    """Fast vs reference on the same inputs: (largest relative difference, per term).
+def compare_implementations(leaves, fixed):
+    """dw_d2 vs the reference on the same inputs: (largest relative difference, per term).
 
     The terms are every loss and the gradient of the summed losses w.r.t. every input.
     """
     results = []
-    for function in (fast, reference):
+    for losses_of in (dw_d2_losses, reference_losses):
         inputs = {k: v.detach().clone().requires_grad_() for k, v in leaves.items()}
-        losses = call_weighting(function, scheme, inputs, fixed)
+        losses = losses_of(inputs, fixed)
         sum(losses.values()).backward()
         grads = {k: v.grad if v.grad is not None else torch.zeros_like(v)
                  for k, v in inputs.items()}
@@ -324,24 +349,23 @@ def bench_weighting(args, log):
     height, width = args.image_size
     fp64_gts = args.gt_counts[min(1, len(args.gt_counts) - 1)] if args.fp64_check else None
     rows, cases = [], []
-    for scheme in SCHEMES:
-        fast, reference = weighting_functions(scheme)
+    for scheme in scheme_names():
         for gts in args.gt_counts:
             leaves, fixed = make_weighting_inputs(scheme, height, width, args.batch, gts,
                                                   args.num_classes, dtype, args.device, seed=gts)
-            max_diff, per_term = compare_implementations(fast, reference, scheme, leaves, fixed)
+            max_diff, per_term = compare_implementations(leaves, fixed)
             fp64_diff = None
             if gts == fp64_gts:
-                fp64_diff = compare_implementations(
-                    fast, reference, scheme, *as_dtype(leaves, fixed, torch.float64))[0]
-            case = {"scheme": scheme, "gts_per_image": gts, "num_points": len(fixed["points"]),
+                fp64_diff = compare_implementations(*as_dtype(leaves, fixed, torch.float64))[0]
+            case = {"scheme": scheme, "gts_per_image": gts,
+                    "num_points": fixed["points"].num_points,
                     "max_rel_diff": max_diff, "rel_diff_per_term": per_term,
                     "fp64_max_rel_diff": fp64_diff}
             for backward in (False, True):
                 measure = "weighting fwd+bwd" if backward else "weighting fwd"
                 medians, samples = interleaved_medians(
-                    {"dw_d2": weighting_step(fast, scheme, leaves, fixed, backward),
-                     "reference": weighting_step(reference, scheme, leaves, fixed, backward)},
+                    {"dw_d2": weighting_step(dw_d2_losses, leaves, fixed, backward),
+                     "reference": weighting_step(reference_losses, leaves, fixed, backward)},
                     args.warmup, args.repeats, args.device,
                 )
                 case["fwd_bwd" if backward else "fwd"] = {
@@ -358,7 +382,7 @@ def bench_weighting(args, log):
                 log(format_row(rows[-1]))
             if args.profile and gts == max(args.gt_counts):
                 case["profile"] = profile_step(
-                    weighting_step(fast, scheme, leaves, fixed, True), args,
+                    weighting_step(dw_d2_losses, leaves, fixed, True), args,
                     Path(args.output) / f"profile_{scheme}_{gts}gt.txt",
                 )
                 log(f"profile of dw_d2 {scheme} fwd+bwd: {case['profile']['file']}")
@@ -392,11 +416,9 @@ def detector_config(args, model_name):
     cfg.MODEL.DEVICE = args.device
     cfg.MODEL.DW.NUM_CLASSES = args.num_classes
     cfg.MODEL.DW.SCORE_THRESH_TEST = args.infer_score_thresh
-    if model_name == "DW":
-        cfg.MODEL.DW.ASSIGNER, cfg.MODEL.DW.BOX_REFINEMENT = "DW", True
-    elif model_name == "AutoAssign":
-        cfg.MODEL.DW.ASSIGNER, cfg.MODEL.DW.BOX_REFINEMENT = "AutoAssign", False
-        cfg.MODEL.DW.POINT_OFFSET = None
+    if model_name in scheme_names():
+        cfg.MODEL.ASSIGNER.NAME = model_name
+        cfg.MODEL.DW.BOX_REFINEMENT = BOX_REFINEMENT.get(model_name, False)
     elif model_name == "RetinaNet":
         cfg.MODEL.META_ARCHITECTURE = "RetinaNet"
         cfg.MODEL.RETINANET.IN_FEATURES = list(cfg.MODEL.DW.IN_FEATURES)
@@ -418,7 +440,7 @@ def group_norm(channels):
 
 
 def build_detector(args, model_name):
-    """One of ``DETECTORS``, on ``args.device``, with random weights."""
+    """One of :func:`detector_names`, on ``args.device``, with random weights."""
     from detectron2.modeling import build_backbone, build_model
 
     cfg = detector_config(args, model_name)
@@ -646,17 +668,16 @@ def bench_scaling(args, log):
     plans = [("by_gt_count", tuple(args.image_size), gts) for gts in args.scaling_gt_counts]
     plans += [("by_input_size", tuple(size), args.scaling_size_gts) for size in args.scaling_sizes]
     for axis, (height, width), gts in plans:
-        for scheme in SCHEMES:
-            fast, reference = weighting_functions(scheme)
+        for scheme in scheme_names():
             leaves, fixed = make_weighting_inputs(scheme, height, width, args.batch, gts,
                                                   args.num_classes, dtype, args.device, seed=gts)
-            functions = {"dw_d2": weighting_step(fast, scheme, leaves, fixed, True)}
+            functions = {"dw_d2": weighting_step(dw_d2_losses, leaves, fixed, True)}
             if args.scaling_reference:
-                functions["reference"] = weighting_step(reference, scheme, leaves, fixed, True)
+                functions["reference"] = weighting_step(reference_losses, leaves, fixed, True)
             medians, _ = interleaved_medians(functions, args.warmup, args.scaling_repeats,
                                              args.device)
             raw[axis].append({"scheme": scheme, "input": [height, width],
-                              "num_points": len(fixed["points"]), "gts_per_image": gts,
+                              "num_points": fixed["points"].num_points, "gts_per_image": gts,
                               **{f"{k}_s": v for k, v in medians.items()}})
             log(f"scaling {axis}: {scheme} {height}x{width} {gts} GT/img: "
                 + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in medians.items()))
@@ -677,8 +698,10 @@ def plot_scaling(raw, path, args):
     except ImportError:
         return False
     figure, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=100)
-    styles = {("DW", "dw_d2"): "C0-o", ("DW", "reference"): "C0--x",
-              ("AutoAssign", "dw_d2"): "C1-o", ("AutoAssign", "reference"): "C1--x"}
+    schemes = list(dict.fromkeys(e["scheme"] for axis in raw.values() if isinstance(axis, list)
+                                 for e in axis))
+    styles = {(scheme, impl): f"C{i}{'-o' if impl == 'dw_d2' else '--x'}"
+              for i, scheme in enumerate(schemes) for impl in ("dw_d2", "reference")}
     panels = ((axes[0], "by_gt_count", "gts_per_image", "GT boxes per image"),
               (axes[1], "by_input_size", "num_points", "points per image (R)"))
     for ax, axis, x_key, x_label in panels:
@@ -804,7 +827,7 @@ def parse_args(argv=None):
                        help="write a torch.profiler table of dw_d2's fwd+bwd at the largest "
                             "GT count")
     group = parser.add_argument_group("detectors (section b)")
-    group.add_argument("--models", nargs="+", choices=DETECTORS, default=list(DETECTORS))
+    group.add_argument("--models", nargs="+", choices=detector_names(), default=detector_names())
     group.add_argument("--backbone", default="R-18", choices=("R-18", "R-34", "R-50", "R-101"))
     group.add_argument("--det-size", type=int, nargs=2, default=(512, 512), metavar=("H", "W"))
     group.add_argument("--det-batch", type=int, default=2, help="images per training step")
@@ -828,7 +851,7 @@ def parse_args(argv=None):
     group.add_argument("--scaling-repeats", type=int, default=3)
     group.add_argument("--no-scaling-reference", dest="scaling_reference", action="store_false",
                        help="time only dw_d2 in the sweeps")
-    parser.add_argument("--memory-probe", choices=DETECTORS, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-probe", choices=detector_names(), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     at_least = {"--threads": (args.threads, 1), "--warmup": (args.warmup, 0),
                 "--repeats": (args.repeats, 1), "--batch": (args.batch, 1),

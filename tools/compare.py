@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Ablation: train DW, DW without box refinement, AutoAssign and FCOS alike; compare COCO AP.
+"""Ablation: train DW, DW without box refinement, every other assignment scheme and FCOS
+alike; compare COCO AP.
 
 Every run starts from one reference config (default: the main job's, DW on the built-in
 dataset from the ImageNet-pretrained EfficientNet-Lite0) and changes only what defines the
@@ -8,7 +9,8 @@ are identical:
 
     dw           the reference config (DW, box refinement on)
     dw_norefine  MODEL.DW.BOX_REFINEMENT False
-    autoassign   MODEL.DW.ASSIGNER AutoAssign (no refinement; points at x*s as MMDetection)
+    autoassign   MODEL.ASSIGNER.NAME AutoAssign, without box refinement (DW's branch); each
+                 scheme that dw_d2 registers gets such a run, named after it in lower case
     fcos         Detectron2's FCOS (dw_d2.baselines) with the same backbone and head sizes
 
 Each run is a ``train_net.py`` subprocess writing to ``OUTPUT/<run>``; its final COCO
@@ -32,6 +34,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a source checkout
 
+from dw_d2 import ASSIGNER_REGISTRY  # noqa: E402
 from dw_d2.baselines import FCOS_META_ARCHITECTURE  # noqa: E402
 from dw_d2.viz.comparison import (  # noqa: E402
     format_results_table,
@@ -43,12 +46,23 @@ from dw_d2.viz.tool_config import load_config  # noqa: E402
 
 DEFAULT_CONFIG = REPO / "configs" / "Builtin" / "dw_lite0_FPN_shapes.yaml"
 
-RUN_OVERRIDES = {
-    "dw": [],
-    "dw_norefine": ["MODEL.DW.BOX_REFINEMENT", "False"],
-    "autoassign": ["MODEL.DW.ASSIGNER", "AutoAssign", "MODEL.DW.BOX_REFINEMENT", "False"],
-    "fcos": ["MODEL.META_ARCHITECTURE", FCOS_META_ARCHITECTURE, "MODEL.DW.BOX_REFINEMENT", "False"],
-}
+
+def run_overrides():
+    """Run name -> the KEY VALUE opts that make the method, in table order."""
+    runs = {"dw": [], "dw_norefine": ["MODEL.DW.BOX_REFINEMENT", "False"]}
+    # The runs are train_net.py processes, which know the schemes that importing dw_d2
+    # registers, not those a caller of this module may have added.
+    for scheme, module in ASSIGNER_REGISTRY:
+        if not module.__module__.startswith("dw_d2."):
+            continue
+        runs.setdefault(scheme.lower(), ["MODEL.ASSIGNER.NAME", scheme,
+                                         "MODEL.DW.BOX_REFINEMENT", "False"])
+    runs["fcos"] = ["MODEL.META_ARCHITECTURE", FCOS_META_ARCHITECTURE,
+                    "MODEL.DW.BOX_REFINEMENT", "False"]
+    return runs
+
+
+RUN_OVERRIDES = run_overrides()
 
 # train_net.py runs under this launcher, which imports dw_d2.baselines first so that the FCOS
 # builder is registered whether or not train_net.py imports it.
@@ -148,7 +162,10 @@ def finished_result(run_dir, expected_cfg):
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         return None
-    saved_cfg = load_config(saved, ["MODEL.DEVICE", expected_cfg.MODEL.DEVICE])
+    try:
+        saved_cfg = load_config(saved, ["MODEL.DEVICE", expected_cfg.MODEL.DEVICE])
+    except KeyError:  # written by another version of dw-d2, with other keys
+        return None
     # Compare the values, not the YAML text (whose anchors depend on object identity).
     if yaml.safe_load(saved_cfg.dump()) != yaml.safe_load(expected_cfg.dump()):
         return None

@@ -3,8 +3,8 @@
 
 For each GT box of the image (rows) and each FPN level (columns, positive weights then negative
 weights), the weights over the level's points are drawn as a heat map on the image. The weights
-are those of the config's assigner (``MODEL.DW.ASSIGNER``), computed by the public weighting
-function on the model's own predictions (the model in inference mode, so BatchNorm uses its
+are those of the config's assigner (``MODEL.ASSIGNER.NAME``), computed by the detector's own
+assigner on the model's predictions (the model in inference mode, so BatchNorm uses its
 running statistics): with a trained checkpoint they show what training assigns at that point;
 without one, what it assigns at initialisation.
 

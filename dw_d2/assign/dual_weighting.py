@@ -1,33 +1,35 @@
-"""DW (Dual Weighting, Li et al., CVPR 2022) soft label assignment and its losses.
+"""DW: "A Dual Weighting Label Assignment Scheme for Object Detection" (Li et al., CVPR 2022).
 
-Every candidate point of a GT box (a point strictly inside it) is both a positive, with weight
-w+, and a negative, with weight w- at the GT's class. Both weights are computed from the
-joint score ``S = sigmoid(cls) * sigmoid(ctr)``, the localisation quality
-``p_loc = exp(-beta * (1 - GIoU))`` and a fixed Gaussian centre prior G, exactly as the
-official ``DWHead`` (strongwolf/DW) computes them, quirks included (see the golden README):
+Every candidate point of a GT box m (a point strictly inside it) is both a positive of m, with
+weight w+, and a negative of m's class c_m, with weight w-. In the order of the paper, and as
+the authors' official ``DWHead`` computes them (its quirks are kept, each for equal numbers):
 
-* ``w+ = exp(5 p) p G / sum_r exp(3 p) p G`` with ``p = S[c_m] * p_loc`` (5 vs 3 on purpose),
-  detached;
-* the negative value ``t(iou) = (1 - iou^2) / (1 - 0.5^2)``, min-max normalised per GT over
-  its candidates (upper end at most 1), and 1 where ``iou < 0.5``; it replaces the weight 1 of
-  w- at (r, c_m), detached;
-* losses on probabilities with ``F.binary_cross_entropy`` (log clamped at -100).
+1. Centre prior: ``G = exp(-|(p - centre_m) / s|^2 / (2 sigma^2))``, fixed (mean 0, sigma
+   1.11 strides), and the joint score ``S = sigmoid(cls) * sigmoid(ctr)``, (N, R, C).
+2. Positive weight: with ``p_loc = exp(-beta (1 - GIoU))`` and ``p = S[c_m] * p_loc``,
+   ``w+ = exp(5 p) p G / sum_r exp(3 p) p G``. The numerator's 5 against the denominator's 3
+   is the official code's (so one GT's weights do not sum to 1). w+ is detached.
+3. Negative weight: ``t(iou) = (1 - iou^2) / (1 - 0.5^2)``, min-max normalised over each GT's
+   candidates (its upper end at most 1), and 1 where ``iou < 0.5``; it replaces the weight 1
+   of w- at (r, c_m). Detached; the IoU carries no gradient.
+4. Losses, with torch's BCE on probabilities (its log clamped at -100, as the official code):
+   ``loss_cls_pos = 0.25 sum w+ BCE(S[c_m], 1) / #GT``, ``loss_loc = 0.25 sum w+ BCE(p_loc, 1)
+   / #GT`` and ``loss_cls_neg = sum w- S^2 BCE(S, 0) / sum(1 - w-)``, where the ``S^2`` factor
+   keeps its gradient. The normalisers are averaged over distributed workers, then clamped
+   at 1; the official code rounds the negative one to float32 (``.float()``), which is kept
+   by default.
 """
 import torch
 
-from .box_overlap import aligned_iou_and_giou, decode_distances, redecode_boxes
-from .common import (EPS, autocast_disabled, check_class_range, check_dense_inputs,
-                     mean_over_workers, resolve_pair_values, segment_max, segment_min,
-                     segment_sum, weighting_dtype)
-from .elementwise import bce_with_one_target
-from .negative_term import joint_score_terms
-from .pairs import (box_centers, center_prior, concat_ground_truth, distinct_score_entries,
-                    find_candidate_pairs, gather_pair_inputs, per_image_weight_maps)
+from .candidates import find_candidate_pairs
+from .center_prior import box_centers, center_prior
+from .kernels.elementwise import bce_with_one_target, focal_negative_term
+from .kernels.negative_term import focal_negative_sum
+from .pipeline import (EPS, DenseBatch, autocast_disabled, gather_pairs, mean_over_workers,
+                       normalise_per_gt, num_gt_normaliser, pair_overlaps, per_image_weight_maps,
+                       prepare_batch, resolve_pair_values, score_entries, segment_sum)
 
-__all__ = ["dual_weighting_loss"]
-
-# Exponent of the IoU in the official negative value t(iou).
-_NEG_IOU_EXPONENT = 2
+__all__ = ["dual_weighting_loss", "dual_weighting_losses"]
 
 
 def dual_weighting_loss(points, strides, cls_logits, box_dists, ctr_logits, gt_boxes, gt_classes, *,
@@ -70,41 +72,50 @@ def dual_weighting_loss(points, strides, cls_logits, box_dists, ctr_logits, gt_b
 
     Float16 / bfloat16 inputs are computed in float32, outside autocast.
     """
-    check_dense_inputs(points, strides, cls_logits, box_dists, ctr_logits, "ctr_logits",
-                       gt_boxes, gt_classes, duplicate_rule)
-    dtype = weighting_dtype(cls_logits, box_dists, ctr_logits)
-    device = cls_logits.device
-    with autocast_disabled(device):
-        num_images, num_points, num_classes = cls_logits.shape
-        points, strides = points.to(dtype), strides.to(dtype)
-        cls_logits, box_dists = cls_logits.to(dtype), box_dists.to(dtype)
-        ctr_logits = ctr_logits.to(dtype)
-        gt = concat_ground_truth(gt_boxes, gt_classes, dtype, device)
-        check_class_range(gt.classes, num_classes)
-        pairs = find_candidate_pairs(points, gt, strides)
+    batch = prepare_batch((points, strides), cls_logits, box_dists, ctr_logits, gt_boxes,
+                          gt_classes, score_name="ctr_logits", duplicate_rule=duplicate_rule)
+    return dual_weighting_losses(
+        batch, center_prior_sigma=center_prior_sigma, pos_num_exp=pos_num_exp,
+        pos_den_exp=pos_den_exp, loc_beta=loc_beta, neg_iou_thresh=neg_iou_thresh,
+        neg_gamma=neg_gamma, pos_loss_weight=pos_loss_weight, loc_loss_weight=loc_loss_weight,
+        box_eps=box_eps, duplicate_rule=duplicate_rule,
+        round_neg_normaliser_to_float32=round_neg_normaliser_to_float32,
+        return_weights=return_weights)
 
-        pair = gather_pair_inputs(points, strides, box_dists, num_classes, gt, pairs)
 
-        x, y = pair.points
-        predicted = decode_distances(x, y, pair.distances)
-        with torch.no_grad():
-            target = redecode_boxes(x, y, pair.boxes)
-        iou, giou = aligned_iou_and_giou(predicted, target, box_eps)
+def dual_weighting_losses(batch: DenseBatch, *, center_prior_sigma, pos_num_exp, pos_den_exp,
+                          loc_beta, neg_iou_thresh, neg_gamma, pos_loss_weight, loc_loss_weight,
+                          box_eps, duplicate_rule, round_neg_normaliser_to_float32,
+                          return_weights):
+    """:func:`dual_weighting_loss` of a prepared batch (the score logits are the centerness)."""
+    gt = batch.gt
+    with autocast_disabled(batch.device):
+        # Centre prior: the candidates of each GT box and their fixed prior G.
+        pairs = find_candidate_pairs(batch.points, gt)
+        pair = gather_pairs(batch, pairs)
+        sigma = torch.tensor(center_prior_sigma, dtype=batch.dtype, device=batch.device)
+        prior = center_prior(pair.points, pair.strides, box_centers(pair.boxes), None, sigma)
+
+        # Localisation quality of each candidate's prediction; the IoU learns nothing.
+        iou, giou = pair_overlaps(pair, box_eps)
         iou = iou.detach()
         p_loc = torch.exp(-(1 - giou) * loc_beta)
-        entries = distinct_score_entries(pair.score_entry, cls_logits.numel())
-        neg_values = _negative_weight_values(iou, pairs, entries, gt.num_boxes, neg_iou_thresh,
-                                             duplicate_rule)
-        # p_cls = S[r, c_m] at the pairs, S = sigmoid(cls) * sigmoid(ctr) (N, R, C); loss_cls_neg
-        # = sum w- S**gamma BCE(S, 0).
-        p_cls, neg_sum = joint_score_terms(cls_logits, ctr_logits, entries.entries,
-                                           entries.entry_of_pair, neg_values, neg_gamma,
-                                           weight_scales_score=False)
-        prior = center_prior(pair.points, pair.strides, box_centers(pair.boxes), None,
-                             torch.tensor(center_prior_sigma, dtype=dtype, device=device))
 
-        # w+ is detached (as in the official head): scores and boxes learn only through the
-        # BCE terms it weights, never by moving the weights themselves.
+        # Negative weight w-, at the entries (r, c_m) (1 everywhere else); it needs only the
+        # IoU, and the negative term's sweep also gives S at the entries, which w+ needs.
+        entries = score_entries(batch, pair)
+        with torch.no_grad():
+            neg_values = resolve_pair_values(
+                _negative_values(iou, pairs, gt.num_boxes, neg_iou_thresh), entries,
+                duplicate_rule)
+        # sum over (N, R, C) of w- S**gamma BCE(S, 0), and S at the entries.
+        neg_sum, entry_scores = focal_negative_sum(
+            batch.cls_logits, batch.score_logits, entries.entries,
+            lambda scores: neg_values * focal_negative_term(scores, neg_gamma), neg_gamma)
+        p_cls = entry_scores.index_select(0, entries.entry_of_pair)  # S[r, c_m]
+
+        # Positive weight w+, detached (as in the official head): scores and boxes learn
+        # only through the BCE terms it weights, never by moving the weights themselves.
         with torch.no_grad():
             p_pos = p_cls * p_loc
             numerator = torch.exp(pos_num_exp * p_pos) * p_pos * prior
@@ -112,47 +123,33 @@ def dual_weighting_loss(points, strides, cls_logits, box_dists, ctr_logits, gt_b
                                       pairs.per_gt).clamp(min=EPS)
             pos_weight = numerator / denominator.index_select(0, pairs.gt)
 
+        # Losses and their normalisers.
         cls_pos_sum = (bce_with_one_target(p_cls) * pos_weight).sum()
         loc_sum = (bce_with_one_target(p_loc) * pos_weight).sum()
-
-        # w- is 1 off the written entries, so only they add to sum(1 - w-).
+        pos_avg_factor = num_gt_normaliser(batch)
+        # w- is 1 off the entries, so only they add to sum(1 - w-).
         neg_avg_factor = (1 - neg_values).sum()
-
-        pos_avg_factor = mean_over_workers(
-            torch.tensor(float(gt.num_boxes), dtype=dtype, device=device)).clamp(min=1)
         if round_neg_normaliser_to_float32:
             neg_avg_factor = neg_avg_factor.float()
         neg_avg_factor = mean_over_workers(neg_avg_factor).clamp(min=1)
-
         losses = {
             "loss_cls_pos": cls_pos_sum * pos_loss_weight / pos_avg_factor,
             "loss_loc": loc_sum * loc_loss_weight / pos_avg_factor,
             "loss_cls_neg": neg_sum / neg_avg_factor,
         }
         if gt.num_boxes == 0:
-            # Official quirk (D10): without any GT box in the batch the localisation loss is a
-            # constant 0 with no autograd graph (mmdet's empty IoU is a fresh tensor).
+            # Without any GT box in the batch the official localisation loss is a constant 0
+            # with no autograd graph (mmdet's IoU of no boxes is a fresh empty tensor).
             losses["loss_loc"] = losses["loss_loc"].detach()
         if not return_weights:
             return losses
-
-        weights = per_image_weight_maps(pairs, gt, num_points, prior, pos_weight, iou,
-                                        entries.entries, neg_values, cls_logits.shape)
-        return losses, weights
+        return losses, per_image_weight_maps(batch, pairs, prior, pos_weight, iou, entries,
+                                             neg_values)
 
 
-def _negative_weight_values(iou, pairs, entries, num_boxes, neg_iou_thresh, duplicate_rule):
-    """The values of w- (N, R, C) at the entries (r, c_m) of candidates r of m (1 elsewhere):
-    the normalised negative values, one per entry as :func:`resolve_pair_values` keeps them."""
-    with torch.no_grad():
-        # The official order of operations: t(x) = x**2 / (thr**2 - 1) - 1 / (thr**2 - 1).
-        scale = 1 / (neg_iou_thresh ** _NEG_IOU_EXPONENT - 1)
-        value = scale * iou ** _NEG_IOU_EXPONENT - scale
-        low = segment_min(value, pairs.gt, num_boxes).index_select(0, pairs.gt)
-        high = segment_max(value, pairs.gt, num_boxes).clamp(max=1).index_select(0, pairs.gt)
-        value = (value - low + EPS) / (high - low + EPS)
-        # torch.where(iou < thr, 1, value) as arithmetic: the CPU's boolean kernels are not
-        # vectorised. keep is exactly 1 or 0 and value is finite, so the blend is exact.
-        keep = torch.sub(iou, neg_iou_thresh).sign_().add_(1).clamp_(max=1)
-        value = value.mul_(keep).add_(1 - keep)
-        return resolve_pair_values(value, entries, duplicate_rule)
+def _negative_values(iou, pairs, num_boxes, neg_iou_thresh):
+    """(P,) the value of w- at each pair: t(iou) normalised per GT, 1 below the threshold."""
+    # The official order of operations: t(x) = x**2 / (thr**2 - 1) - 1 / (thr**2 - 1).
+    scale = 1 / (neg_iou_thresh ** 2 - 1)
+    value = normalise_per_gt(scale * iou ** 2 - scale, pairs, num_boxes, max_high=1)
+    return torch.where(iou < neg_iou_thresh, torch.ones_like(value), value)

@@ -5,7 +5,12 @@ load under ``$DW_D2_DATASETS/dw_shapes``; see :mod:`dw_d2.data.shapes`), and the
 ``deepforest_trees_train`` / ``deepforest_trees_val`` (tree crowns, downloaded from PyPI and
 converted on first load; see :mod:`dw_d2.data.trees`).
 """
-from .build import ResumableTrainLoader, build_resumable_train_loader, load_training_dataset_dicts
+from .build import (
+    ResumableTrainLoader,
+    build_resumable_train_loader,
+    check_evaluation_dataset,
+    load_training_dataset_dicts,
+)
 from .samplers import ResumableBatchSampler, aspect_ratio_group_ids
 from .shapes import (
     SHAPE_CLASSES,
@@ -15,7 +20,16 @@ from .shapes import (
 )
 from .shapes import prepare_dataset as _prepare_shapes
 from .trees import prepare_if_trees, register_trees_dataset
-from .validation import AnnotationError, load_dataset_dicts, validate_dataset_dicts
+from .validation import (
+    AnnotationChange,
+    AnnotationError,
+    ImageFileError,
+    check_annotations,
+    check_image_files,
+    find_image_file_problems,
+    load_dataset_dicts,
+    validate_dataset_dicts,
+)
 
 register_shapes_dataset()
 register_trees_dataset()
@@ -30,13 +44,19 @@ def prepare_dataset(dataset_name: str) -> None:
 
 
 __all__ = [
+    "AnnotationChange",
     "AnnotationError",
+    "ImageFileError",
     "ResumableBatchSampler",
     "ResumableTrainLoader",
     "SHAPE_CLASSES",
     "aspect_ratio_group_ids",
     "build_resumable_train_loader",
+    "check_annotations",
+    "check_evaluation_dataset",
+    "check_image_files",
     "ensure_shapes_dataset",
+    "find_image_file_problems",
     "generate_shapes_dataset",
     "load_dataset_dicts",
     "load_training_dataset_dicts",

@@ -33,16 +33,26 @@ from detectron2.utils import comm
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .samplers import ResumableBatchSampler, aspect_ratio_group_ids
-from .validation import load_dataset_dicts, validate_dataset_dicts
+from .validation import (
+    CHANGE_CAUSES,
+    check_annotations,
+    check_image_files,
+    load_dataset_dicts,
+    validate_dataset_dicts,
+)
 
 logger = logging.getLogger(__name__)
 
 
-def load_training_dataset_dicts(dataset_names: Sequence[str], *, filter_empty: bool) -> List[dict]:
+def load_training_dataset_dicts(
+    dataset_names: Sequence[str], *, filter_empty: bool, report_dir: Optional[str] = None
+) -> List[dict]:
     """Load, validate and concatenate training datasets.
 
     Like Detectron2's ``get_detection_dataset_dicts`` (same metadata consistency check), plus
-    :func:`~dw_d2.data.validation.validate_dataset_dicts` on each dataset. Images without (non-crowd) annotations are dropped only when ``filter_empty``
+    :func:`~dw_d2.data.validation.validate_dataset_dicts` on each dataset (annotations and
+    image files; the list of changed annotations goes to ``report_dir``). Images without
+    (non-crowd) annotations are dropped only when ``filter_empty``
     (``DATALOADER.FILTER_EMPTY_ANNOTATIONS``), after validation, which may empty an image.
     """
     if isinstance(dataset_names, str):
@@ -54,7 +64,7 @@ def load_training_dataset_dicts(dataset_names: Sequence[str], *, filter_empty: b
         dicts = load_dataset_dicts(name)
         if len(dicts) == 0:
             raise ValueError(f"Dataset '{name}' is empty.")
-        dataset_dicts.extend(validate_dataset_dicts(dicts, name))
+        dataset_dicts.extend(validate_dataset_dicts(dicts, name, report_dir=report_dir))
     if len(dataset_names) > 1:
         check_metadata_consistency("thing_classes", dataset_names)
 
@@ -69,6 +79,28 @@ def load_training_dataset_dicts(dataset_names: Sequence[str], *, filter_empty: b
     thing_classes = MetadataCatalog.get(dataset_names[0]).get("thing_classes")
     _log_class_histogram(dataset_dicts, thing_classes)
     return dataset_dicts
+
+
+def check_evaluation_dataset(dataset_name: str) -> None:
+    """Check an evaluation dataset before anything trains or evaluates on it.
+
+    Its image files are checked as the training images are (an unreadable file or a size
+    mismatch would stop ``DatasetMapper`` halfway through an evaluation, possibly after hours
+    of training), and its annotations for unusable values (NaN boxes, unknown categories),
+    which would make ``COCOEvaluator``'s numbers silently wrong. Boxes that are degenerate or
+    outside their image are only counted in the log: the evaluator reads the annotation file
+    as it is, and no detection can match them.
+    """
+    dicts = load_dataset_dicts(dataset_name)
+    _, changes = check_annotations(dicts, dataset_name)
+    unmatchable = [c for c in changes if c.cause in ("degenerate", "outside")]
+    if unmatchable:
+        logger.warning(
+            f"Evaluation dataset '{dataset_name}': {len(unmatchable)} ground-truth boxes "
+            f"({CHANGE_CAUSES['degenerate'].split(': ')[1]}, or wholly outside their image) "
+            f"can match no detection, e.g. {unmatchable[0].describe()}."
+        )
+    check_image_files(dicts, dataset_name)
 
 
 def _log_class_histogram(dataset_dicts: List[dict], thing_classes: Optional[List[str]]) -> None:
@@ -209,7 +241,8 @@ def _resumable_train_loader_from_config(cfg, mapper=None, *, dataset=None, seed=
                          "dw-d2's training loader (its detectors use neither).")
     if dataset is None:
         dataset = load_training_dataset_dicts(
-            cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
+            cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+            report_dir=cfg.OUTPUT_DIR,
         )
     if mapper is None:
         mapper = DatasetMapper(cfg, True)

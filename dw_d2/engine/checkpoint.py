@@ -1,8 +1,9 @@
 """Loading a detector checkpoint for evaluation without silently random head weights."""
 from detectron2.checkpoint import DetectionCheckpointer
 
-# Modules whose weights only a trained detector checkpoint provides.
-_DETECTOR_PREFIXES = ("head.", "center_prior.")
+# Modules whose weights only a trained detector checkpoint provides (the assigner's: a learnt
+# centre prior; "center_prior." in checkpoints written before it moved into the assigner).
+_DETECTOR_PREFIXES = ("head.", "assigner.", "center_prior.")
 
 
 class EvaluationCheckpointer(DetectionCheckpointer):
@@ -13,7 +14,9 @@ class EvaluationCheckpointer(DetectionCheckpointer):
     model's head weights, or has them with another shape, Detectron2 logs a warning and keeps
     the random initial values: fine when fine-tuning, silently wrong numbers when evaluating.
     Typical causes: ``MODEL.DW.BOX_REFINEMENT True`` for a checkpoint trained without the
-    refinement branch, or a ``MODEL.DW.NUM_CLASSES`` that differs from the checkpoint's.
+    refinement branch, a ``MODEL.DW.NUM_CLASSES`` that differs from the checkpoint's, or a
+    ``MODEL.ASSIGNER.NAME`` with learnt parameters (AutoAssign) for a checkpoint trained with
+    another scheme.
     Backbone-only checkpoints (ImageNet weights) are not detector checkpoints and load as usual.
     """
 
@@ -36,6 +39,7 @@ class EvaluationCheckpointer(DetectionCheckpointer):
                 f"but it has no weights of the right shape for {', '.join(untrained)}; "
                 "evaluating would use their random initial values. Make the config match the "
                 "checkpoint (for example MODEL.DW.BOX_REFINEMENT False for a checkpoint trained "
-                "without box refinement, or the checkpoint's MODEL.DW.NUM_CLASSES)."
+                "without box refinement, the checkpoint's MODEL.DW.NUM_CLASSES, or its "
+                "MODEL.ASSIGNER.NAME)."
             )
         return incompatible

@@ -5,8 +5,12 @@ On top of ``DefaultTrainer`` it
 * evaluates with ``COCOEvaluator`` (the official pycocotools path when Detectron2's compiled
   operators are missing), writing to ``OUTPUT_DIR/inference``;
 * loads the training data with :func:`~dw_d2.data.build_resumable_train_loader`: annotations
-  validated before training starts, and an order and augmentation that ``--resume`` continues
-  exactly (the loader starts at the iteration restored from the checkpoint);
+  and image files validated before training starts (the list of dropped, clipped and ignored
+  annotations written to ``OUTPUT_DIR``), and an order and augmentation that ``--resume``
+  continues exactly (the loader starts at the iteration restored from the checkpoint);
+* checks the image files (and unusable annotations) of the evaluation datasets before
+  training starts, and before each evaluation, so that a bad file stops the run before
+  iteration 0 rather than in the final evaluation;
 * checks that the model's number of classes matches the datasets';
 * places the LR steps and warm-up at fractions of ``SOLVER.MAX_ITER`` when
   ``SOLVER.STEP_FRACTIONS`` / ``SOLVER.WARMUP_FRACTION`` are set (:mod:`.schedule`);
@@ -20,7 +24,8 @@ On top of ``DefaultTrainer`` it
   step was not applied) and the batch's image files. It is not tagged as the last checkpoint:
   ``--resume`` continues from the last periodic checkpoint, which nothing overwrites;
 * when training ends, draws a validation image's detections and the training curves into
-  ``OUTPUT_DIR`` and says where they are.
+  ``OUTPUT_DIR`` and says where they are; :meth:`Trainer.train` returns the results of the
+  last evaluation (Detectron2's returns them only when ``TEST.EXPECTED_RESULTS`` is set).
 """
 import logging
 import os
@@ -32,7 +37,7 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 
-from ..data import build_resumable_train_loader, prepare_dataset
+from ..data import build_resumable_train_loader, check_evaluation_dataset, prepare_dataset
 from ..env import has_compiled_ops
 from .checks import check_num_classes
 from .schedule import schedule_in_iterations
@@ -58,6 +63,8 @@ class Trainer(DefaultTrainer):
         super().__init__(cfg)
         # The loader from build_train_loader: resume_or_load tells it where to start.
         self.train_loader = self.data_loader
+        for dataset_name in cfg.DATASETS.TEST:
+            check_evaluation_dataset(dataset_name)
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -72,6 +79,13 @@ class Trainer(DefaultTrainer):
         """Detectron2's scheduler, with the steps and warm-up of ``SOLVER.STEP_FRACTIONS`` /
         ``SOLVER.WARMUP_FRACTION`` when they are set."""
         return super().build_lr_scheduler(schedule_in_iterations(cfg), optimizer)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        """Detectron2's test loader, after :func:`~dw_d2.data.check_evaluation_dataset` (cached
+        image checks: after the check at start-up this costs one ``stat`` per image)."""
+        check_evaluation_dataset(dataset_name)
+        return super().build_test_loader(cfg, dataset_name)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -97,7 +111,11 @@ class Trainer(DefaultTrainer):
         self.train_loader.start_iter = self.start_iter
 
     def train(self):
+        """Train; return the results of the last evaluation, as ``Trainer.test`` returned them
+        (empty without ``DATASETS.TEST``)."""
         results = super().train()
+        if results is None:
+            results = getattr(self, "_last_eval_results", None) or {}
         if comm.is_main_process() and self.cfg.DATASETS.TEST:
             # Imported here: drawing needs matplotlib and OpenCV, training does not.
             from ..viz import write_run_pictures

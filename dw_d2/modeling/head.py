@@ -1,6 +1,6 @@
-"""The dense head shared by DW and AutoAssign (FCOS-style, with DW's refinement offsets)."""
+"""The dense head shared by the assignment schemes (FCOS-style, with DW's box refinement)."""
 import math
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -9,12 +9,24 @@ from torch.nn import functional as F
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec, get_norm
 
-__all__ = ["DWHead"]
+from ..box_refinement import refine_box_distances_at
+from ..points import PointGrid, PointLayout
+
+__all__ = ["DWHead", "HeadOutputs"]
 
 # Batch statistics would mix the levels, which share the towers; RetinaNet needs a special
 # CycleBatchNormList for that. The official heads use GN.
 _BATCH_NORMS = ("BN", "SyncBN", "FrozenBN", "nnSyncBN", "naiveSyncBN", "naiveSyncBN_N")
 _GN_GROUPS = 32
+
+
+class HeadOutputs(NamedTuple):
+    """What the head predicts for a batch: what the losses and inference use."""
+
+    cls_logits: List[Tensor]  # per level (N, C, H_l, W_l)
+    box_dists: List[Tensor]  # per level (N, 4, H_l, W_l) l, t, r, b >= 0 in pixels, refined
+    ctr_logits: List[Tensor]  # per level (N, 1, H_l, W_l) centerness / objectness logits
+    points: PointLayout  # the points of these levels (R = sum of H_l * W_l)
 
 
 class DWHead(nn.Module):
@@ -24,7 +36,12 @@ class DWHead(nn.Module):
     3x3; the last three sit on the regression tower.
 
     Distances are ``relu(scale_l * x) * stride_l`` with a learnable scale per level, computed
-    in at least float32 (the official head casts them with ``.float()``).
+    in at least float32 (the official head casts them with ``.float()``). With box refinement,
+    they are then refined by :func:`dw_d2.box_refinement.refine_box_distances_at`, as in the
+    official head: losses and inference see the refined distances only.
+
+    The head builds the batch's points (one per feature cell, at ``point_offset`` inside it)
+    and returns them with its predictions.
     """
 
     @configurable
@@ -38,6 +55,7 @@ class DWHead(nn.Module):
         prior_prob: float = 0.02,
         distance_bias_init: float = 4.0,
         box_refinement: bool = True,
+        point_offset: float = 0.5,
     ):
         """
         Args:
@@ -50,6 +68,7 @@ class DWHead(nn.Module):
             distance_bias_init: initial bias of the distance conv (distances start at
                 ``relu(bias) * stride``).
             box_refinement: whether to add the refinement-offset conv.
+            point_offset: the point of cell (y, x) sits at ((x + o) * s, (y + o) * s).
         """
         super().__init__()
         if num_classes < 1:
@@ -87,6 +106,7 @@ class DWHead(nn.Module):
             nn.Conv2d(in_channels, 8, 3, padding=1) if box_refinement else None
         )
         self.scales = nn.Parameter(torch.ones(len(input_shape)))
+        self.point_grid = PointGrid(self.strides, point_offset)
 
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
@@ -123,35 +143,55 @@ class DWHead(nn.Module):
     def box_refinement(self) -> bool:
         return self.refine_offset_pred is not None
 
-    def forward(
-        self, features: List[Tensor]
-    ) -> Tuple[List[Tensor], List[Tensor], List[Tensor], Optional[List[Tensor]]]:
+    @property
+    def point_offset(self) -> float:
+        return self.point_grid.offset
+
+    def forward(self, features: List[Tensor]) -> HeadOutputs:
         """
         Args:
             features: one (N, C_in, H_l, W_l) map per level, in the order of ``input_shape``.
 
         Returns:
-            cls_logits: per level (N, C, H_l, W_l).
-            box_dists: per level (N, 4, H_l, W_l) coarse distances (l, t, r, b) >= 0 in pixels,
-                at least float32.
-            ctr_logits: per level (N, 1, H_l, W_l) centerness/objectness logits.
-            refine_offsets: per level (N, 8, H_l, W_l) raw refinement offsets (cells), or None
-                without box refinement.
+            the per-level predictions and the batch's points; the distances are at least
+            float32, and so are the points.
         """
         if len(features) != len(self.strides):
             raise ValueError(
                 f"DWHead was built for {len(self.strides)} levels, got {len(features)} features"
             )
-        cls_logits, box_dists, ctr_logits = [], [], []
-        refine_offsets = [] if self.box_refinement else None
-        for level, (feature, stride) in enumerate(zip(features, self.strides)):
-            cls_feature = self.cls_tower(feature)
-            reg_feature = self.reg_tower(feature)
-            cls_logits.append(self.cls_score(cls_feature))
-            raw_dists = self.distance_pred(reg_feature) * self.scales[level]
-            raw_dists = raw_dists.to(torch.promote_types(raw_dists.dtype, torch.float32))
-            box_dists.append(F.relu(raw_dists) * stride)
-            ctr_logits.append(self.centerness_pred(reg_feature))
-            if refine_offsets is not None:
-                refine_offsets.append(self.refine_offset_pred(reg_feature))
+        points = self.point_grid(
+            [tuple(f.shape[-2:]) for f in features],
+            dtype=torch.promote_types(features[0].dtype, torch.float32),
+            device=features[0].device,
+        )
+        cls_logits, box_dists, ctr_logits, refine_offsets = zip(
+            *(self.level_outputs(feature, level) for level, feature in enumerate(features)))
+        if self.box_refinement:
+            box_dists = [
+                refine_box_distances_at(dists, offsets, stride, level_points)
+                for dists, offsets, stride, level_points in zip(
+                    box_dists, refine_offsets, self.strides, points.split_levels(points.points))
+            ]
+        return HeadOutputs(list(cls_logits), list(box_dists), list(ctr_logits), points)
+
+    def level_outputs(
+        self, feature: Tensor, level: int
+    ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+        """The head's convolutions on one level, before refinement.
+
+        Returns:
+            cls_logits (N, C, H, W); box_dists (N, 4, H, W), the coarse distances (l, t, r, b)
+            >= 0 in pixels, at least float32; ctr_logits (N, 1, H, W); and refine_offsets
+            (N, 8, H, W), the raw refinement offsets (cells), or None without box refinement.
+        """
+        cls_feature = self.cls_tower(feature)
+        reg_feature = self.reg_tower(feature)
+        cls_logits = self.cls_score(cls_feature)
+        raw_dists = self.distance_pred(reg_feature) * self.scales[level]
+        raw_dists = raw_dists.to(torch.promote_types(raw_dists.dtype, torch.float32))
+        box_dists = F.relu(raw_dists) * self.strides[level]
+        ctr_logits = self.centerness_pred(reg_feature)
+        refine_offsets = (self.refine_offset_pred(reg_feature) if self.box_refinement
+                          else None)
         return cls_logits, box_dists, ctr_logits, refine_offsets

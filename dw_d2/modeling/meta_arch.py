@@ -1,8 +1,8 @@
-"""The DW / AutoAssign detector: a Detectron2 dense detector with soft label assignment."""
-from typing import Dict, List, Tuple
+"""The dense detector of dw-d2: Detectron2's DenseDetector with a pluggable label assignment."""
+from typing import List, Tuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from detectron2.config import configurable
 from detectron2.layers import batched_nms, cat
@@ -10,35 +10,33 @@ from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.structures import Boxes, ImageList, Instances
 
-from ..assign import autoassign_loss, dual_weighting_loss
-from ..assign.common import DUPLICATE_RULES
-from ..box_refinement import refine_box_distances
-from .center_prior import CenterPrior
-from .head import DWHead
-from .points import PointGrid
+from .assigners import build_assigner, point_offset_from_config
+from .head import DWHead, HeadOutputs
 
-__all__ = ["DWDetector", "ASSIGNERS", "DUPLICATE_RULES"]
+__all__ = ["DWDetector", "INFERENCE_SCORES"]
 
-# Canonical names of the label-assignment schemes; MODEL.DW.ASSIGNER matches them
-# case-insensitively.
-ASSIGNERS = ("DW", "AutoAssign")
-# Where each scheme's reference implementation puts the point inside its cell.
-_REFERENCE_POINT_OFFSET = {"DW": 0.5, "AutoAssign": 0.0}
+# How inference ranks the (point, class) candidates of a level, by the name an assignment
+# scheme declares as its ``inference_score`` (its reference implementation's test path):
+#   "joint": threshold and top-k on sigmoid(cls) * sigmoid(ctr), the official DW test path.
+INFERENCE_SCORES = ("joint",)
+
+# Checkpoints written before the assignment schemes became modules kept the centre prior on
+# the detector (AutoAssign's learnable one was saved; DW's fixed one was not): old key -> new.
+_RENAMED_KEYS = {"center_prior.mean": "assigner.prior_mean",
+                 "center_prior.sigma": "assigner.prior_sigma"}
 
 
 @META_ARCH_REGISTRY.register()
 class DWDetector(DenseDetector):
-    """A dense, anchor-free detector trained with DW (dual weighting) or AutoAssign.
+    """A dense, anchor-free detector trained with a soft label-assignment scheme.
 
-    Per FPN level, :class:`DWHead` predicts class logits, distances (l, t, r, b) and a
-    centerness/objectness logit at every point; with box refinement (DW), the distances are
-    refined by :func:`dw_d2.refine_box_distances` and both the loss and inference use the
-    refined ones, as in the official head. The score of a class at a point is
-    ``sigmoid(cls) * sigmoid(ctr)``.
-
-    Training returns the loss dict of :func:`dw_d2.dual_weighting_loss`
-    (``loss_cls_pos``, ``loss_loc``, ``loss_cls_neg``) or :func:`dw_d2.autoassign_loss`
-    (``loss_pos``, ``loss_neg``, ``loss_center``).
+    Per FPN level, :class:`DWHead` predicts class logits, distances (l, t, r, b) (refined, with
+    DW's box refinement) and a centerness/objectness logit at every point, and builds the
+    batch's points. The assigner (``MODEL.ASSIGNER.NAME``, from
+    :data:`~dw_d2.modeling.assigners.ASSIGNER_REGISTRY`: DW or AutoAssign built in) turns them
+    and the GT boxes into the training losses; the detector does not know which scheme it runs.
+    Inference ranks candidates by the score the scheme declares (``sigmoid(cls) *
+    sigmoid(ctr)`` for both built-in schemes), then applies class-wise NMS.
     """
 
     @configurable
@@ -48,10 +46,8 @@ class DWDetector(DenseDetector):
         backbone: Backbone,
         head: DWHead,
         head_in_features: List[str],
-        center_prior: CenterPrior,
-        assigner: str = "DW",
-        point_offset: float = 0.5,
-        loss_hyperparams: Dict[str, object],
+        assigner: nn.Module,
+        inference_score: str = "joint",
         test_score_thresh: float = 0.05,
         test_topk_candidates: int = 1000,
         test_nms_thresh: float = 0.6,
@@ -65,11 +61,9 @@ class DWDetector(DenseDetector):
             backbone: produces the features named in ``head_in_features``.
             head: the dense head, built for those features (finest first).
             head_in_features: backbone outputs fed to the head, in order.
-            center_prior: the per-class centre prior parameters.
-            assigner: "DW" or "AutoAssign".
-            point_offset: point of cell (y, x) at ((x + o) * s, (y + o) * s).
-            loss_hyperparams: keyword arguments of the scheme's loss function.
-            test_score_thresh: minimum joint score kept at inference.
+            assigner: the label-assignment scheme, called as the registry's docstring says.
+            inference_score: how inference ranks candidates, one of :data:`INFERENCE_SCORES`.
+            test_score_thresh: minimum score kept at inference.
             test_topk_candidates: per level and image, at most this many (point, class) pairs
                 are kept before NMS.
             test_nms_thresh: IoU threshold of the class-wise NMS.
@@ -80,46 +74,30 @@ class DWDetector(DenseDetector):
         super().__init__(
             backbone, head, head_in_features, pixel_mean=pixel_mean, pixel_std=pixel_std
         )
-        if assigner not in ASSIGNERS:
-            raise ValueError(f"unknown assigner {assigner!r}; expected one of {ASSIGNERS}")
+        if inference_score not in INFERENCE_SCORES:
+            raise ValueError(f"inference_score {inference_score!r} is not one of "
+                             f"{INFERENCE_SCORES}")
         self.assigner = assigner
+        self.inference_score = inference_score
         self.num_classes = head.num_classes
-        self.center_prior = center_prior
-        self.point_offset = float(point_offset)
-        self.loss_hyperparams = dict(loss_hyperparams)
-        shapes = backbone.output_shape()
-        self.strides = [shapes[f].stride for f in head_in_features]
-        self.point_grid = PointGrid(self.strides, self.point_offset)
-
         self.test_score_thresh = test_score_thresh
         self.test_topk_candidates = test_topk_candidates
         self.test_nms_thresh = test_nms_thresh
         self.max_detections_per_image = max_detections_per_image
         self.input_format = input_format
+        self.register_load_state_dict_pre_hook(_load_renamed_keys)
 
     @classmethod
     def from_config(cls, cfg):
-        if "DW" not in cfg.MODEL:
+        if "DW" not in cfg.MODEL or "ASSIGNER" not in cfg.MODEL:
             raise ValueError(
-                "the config has no MODEL.DW section; call dw_d2.add_dw_config(cfg) before "
-                "merging a dw-d2 config file"
+                "the config has no MODEL.DW / MODEL.ASSIGNER section; call "
+                "dw_d2.add_dw_config(cfg) before merging a dw-d2 config file"
             )
         head_cfg = cfg.MODEL.DW
-        assigner = canonical_assigner(head_cfg.ASSIGNER)
         if head_cfg.NUM_CLASSES < 1:
             raise ValueError(f"MODEL.DW.NUM_CLASSES must be >= 1, got {head_cfg.NUM_CLASSES}")
-        if head_cfg.DUPLICATE_RULE not in DUPLICATE_RULES:
-            raise ValueError(
-                f"MODEL.DW.DUPLICATE_RULE {head_cfg.DUPLICATE_RULE!r} is not one of "
-                f"{DUPLICATE_RULES}"
-            )
-        point_offset = head_cfg.POINT_OFFSET
-        if point_offset is None:
-            point_offset = _REFERENCE_POINT_OFFSET[assigner]
-        elif not isinstance(point_offset, (int, float)) or not 0.0 <= point_offset < 1.0:
-            raise ValueError(
-                f"MODEL.DW.POINT_OFFSET must be None or a number in [0, 1), got {point_offset!r}"
-            )
+        assigner = build_assigner(cfg)
 
         backbone = build_backbone(cfg)
         backbone_shapes = backbone.output_shape()
@@ -131,25 +109,14 @@ class DWDetector(DenseDetector):
                 f"{cfg.MODEL.BACKBONE.NAME!r} does not produce (it produces "
                 f"{sorted(backbone_shapes)})"
             )
-        head = DWHead(cfg, [backbone_shapes[f] for f in in_features])
-
-        if assigner == "DW":
-            center_prior = CenterPrior(
-                head_cfg.NUM_CLASSES, learnable=False, init_mean=0.0,
-                init_sigma=head_cfg.CENTER_PRIOR_SIGMA,
-            )
-        else:
-            center_prior = CenterPrior(
-                head_cfg.NUM_CLASSES, learnable=True, init_mean=0.0, init_sigma=1.0
-            )
+        head = DWHead(cfg, [backbone_shapes[f] for f in in_features],
+                      point_offset=point_offset_from_config(cfg, assigner))
         return {
             "backbone": backbone,
             "head": head,
             "head_in_features": in_features,
-            "center_prior": center_prior,
             "assigner": assigner,
-            "point_offset": point_offset,
-            "loss_hyperparams": loss_hyperparams_from_config(cfg, assigner),
+            "inference_score": getattr(assigner, "inference_score", "joint"),
             "test_score_thresh": head_cfg.SCORE_THRESH_TEST,
             "test_topk_candidates": head_cfg.TOPK_CANDIDATES_TEST,
             "test_nms_thresh": head_cfg.NMS_THRESH_TEST,
@@ -159,82 +126,55 @@ class DWDetector(DenseDetector):
             "input_format": cfg.INPUT.FORMAT,
         }
 
-    def final_box_distances(self, box_dists: List[Tensor], refine_offsets) -> List[Tensor]:
-        """The distances the loss and inference use: refined when the head has refinement.
+    @property
+    def strides(self) -> List[int]:
+        return self.head.strides
 
-        Args:
-            box_dists: per level (N, 4, H_l, W_l) coarse distances in pixels.
-            refine_offsets: per level (N, 8, H_l, W_l) raw offsets, or None.
+    @property
+    def point_offset(self) -> float:
+        return self.head.point_offset
 
-        Returns:
-            per level (N, 4, H_l, W_l) distances in pixels.
-        """
-        if refine_offsets is None:
-            return box_dists
-        return [
-            refine_box_distances(dists, offsets, stride, self.point_offset)
-            for dists, offsets, stride in zip(box_dists, refine_offsets, self.strides)
-        ]
-
-    def flatten_predictions(self, predictions) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
+    def flatten_predictions(self, predictions: HeadOutputs):
         """Per-level head outputs -> per-level (N, H_l * W_l, K), row-major like the points.
 
         Returns:
-            cls_logits (K = C), box_dists (K = 4, final distances), ctr_logits (K = 1).
+            cls_logits (K = C), box_dists (K = 4), ctr_logits (K = 1).
         """
-        cls_logits, box_dists, ctr_logits, refine_offsets = predictions
-        box_dists = self.final_box_distances(box_dists, refine_offsets)
-        return tuple(
-            self._transpose_dense_predictions(
-                [cls_logits, box_dists, ctr_logits], [self.num_classes, 4, 1]
-            )
-        )
+        return tuple(self._transpose_dense_predictions(
+            [predictions.cls_logits, predictions.box_dists, predictions.ctr_logits],
+            [self.num_classes, 4, 1]))
 
-    def points(self, features: List[Tensor], dtype) -> Tuple[Tensor, Tensor]:
-        """(R, 2) points and (R,) strides of all levels, for these feature-map sizes."""
-        sizes = [tuple(f.shape[-2:]) for f in features]
-        return self.point_grid(sizes, dtype=dtype, device=features[0].device)
-
-    def forward_training(self, images: ImageList, features, predictions, gt_instances,
-                         return_weights: bool = False):
-        """The scheme's losses; with ``return_weights``, ``(losses, weights)`` where
-        ``weights`` holds the per-image assignment weights of the loss function (what
+    def forward_training(self, images: ImageList, features, predictions: HeadOutputs,
+                         gt_instances, return_weights: bool = False):
+        """The assigner's losses; with ``return_weights``, ``(losses, weights)`` where
+        ``weights`` holds the per-image assignment weights (what
         ``tools/visualize_assignment.py`` draws)."""
         cls_logits, box_dists, ctr_logits = (
             cat(level_outputs, dim=1) for level_outputs in self.flatten_predictions(predictions)
         )
-        # The official loss runs in float32 (mmcv's force_fp32) even under mixed precision.
+        # The official losses run in float32 (mmcv's force_fp32) even under mixed precision.
         loss_dtype = torch.promote_types(box_dists.dtype, torch.float32)
         cls_logits, box_dists, ctr_logits = (
             x.to(loss_dtype) for x in (cls_logits, box_dists, ctr_logits)
         )
-        points, point_strides = self.points(features, loss_dtype)
         gt_boxes = [x.gt_boxes.tensor.to(loss_dtype) for x in gt_instances]
         gt_classes = [x.gt_classes for x in gt_instances]
-        if self.assigner == "DW":
-            return dual_weighting_loss(
-                points, point_strides, cls_logits, box_dists, ctr_logits, gt_boxes, gt_classes,
-                **self.loss_hyperparams, return_weights=return_weights,
-            )
-        prior_mean, prior_sigma = self.center_prior()
-        return autoassign_loss(
-            points, point_strides, cls_logits, box_dists, ctr_logits, gt_boxes, gt_classes,
-            prior_mean.to(loss_dtype), prior_sigma.to(loss_dtype), **self.loss_hyperparams,
-            return_weights=return_weights,
-        )
+        # Only schemes that draw their weights need to accept the argument.
+        inspect = {"return_weights": True} if return_weights else {}
+        return self.assigner(predictions.points, cls_logits, box_dists, ctr_logits, gt_boxes,
+                             gt_classes, **inspect)
 
     @torch.no_grad()
-    def forward_inference(self, images: ImageList, features: List[Tensor], predictions):
-        """Joint scores, per-level top-k, class-wise NMS; vectorised over the batch up to NMS.
+    def forward_inference(self, images: ImageList, features: List[Tensor],
+                          predictions: HeadOutputs):
+        """Scores, per-level top-k, class-wise NMS; vectorised over the batch up to NMS.
 
         Returns:
             list of N Instances (pred_boxes, scores, pred_classes) in the padded-input frame,
             boxes clipped to each image's size.
         """
         cls_logits, box_dists, ctr_logits = self.flatten_predictions(predictions)
-        level_points = self.points(features, box_dists[0].dtype)[0].split(
-            [x.shape[1] for x in box_dists]
-        )
+        level_points = predictions.points.split_levels(predictions.points.points)
         candidates = [
             self._top_candidates_per_level(*level)
             for level in zip(cls_logits, box_dists, ctr_logits, level_points)
@@ -264,7 +204,8 @@ class DWDetector(DenseDetector):
     def _top_candidates_per_level(
         self, cls_logits: Tensor, box_dists: Tensor, ctr_logits: Tensor, points: Tensor
     ) -> Tuple[Tensor, Tensor, Tensor]:
-        """The ``test_topk_candidates`` best (point, class) pairs of one level, per image.
+        """The ``test_topk_candidates`` best (point, class) pairs of one level, per image, as
+        ranked by ``self.inference_score`` (the place for another scheme's ranking).
 
         Args:
             cls_logits: (N, P, C); box_dists: (N, P, 4); ctr_logits: (N, P, 1); points: (P, 2).
@@ -285,38 +226,11 @@ class DWDetector(DenseDetector):
         return scores, classes, boxes
 
 
-def canonical_assigner(name: str) -> str:
-    """``MODEL.DW.ASSIGNER`` -> "DW" or "AutoAssign" (case-insensitive), else a ValueError."""
-    for assigner in ASSIGNERS:
-        if str(name).lower() == assigner.lower():
-            return assigner
-    raise ValueError(f"MODEL.DW.ASSIGNER {name!r} is not one of {ASSIGNERS}")
-
-
-def loss_hyperparams_from_config(cfg, assigner: str) -> Dict[str, object]:
-    """The keyword arguments of the scheme's loss function, from ``MODEL.DW`` /
-    ``MODEL.AUTOASSIGN``."""
-    head_cfg = cfg.MODEL.DW
-    if assigner == "DW":
-        return {
-            "pos_num_exp": head_cfg.POS_NUM_EXP,
-            "pos_den_exp": head_cfg.POS_DEN_EXP,
-            "loc_beta": head_cfg.LOC_BETA,
-            "pos_loss_weight": head_cfg.POS_LOSS_WEIGHT,
-            "loc_loss_weight": head_cfg.LOC_LOSS_WEIGHT,
-            "center_prior_sigma": head_cfg.CENTER_PRIOR_SIGMA,
-            "neg_iou_thresh": head_cfg.NEG_IOU_THRESH,
-            "neg_gamma": head_cfg.NEG_GAMMA,
-            "duplicate_rule": head_cfg.DUPLICATE_RULE,
-        }
-    aa_cfg = cfg.MODEL.AUTOASSIGN
-    return {
-        "giou_weight": aa_cfg.GIOU_WEIGHT,
-        "confidence_temperature": aa_cfg.CONFIDENCE_TEMPERATURE,
-        "pos_loss_weight": aa_cfg.POS_LOSS_WEIGHT,
-        "neg_loss_weight": aa_cfg.NEG_LOSS_WEIGHT,
-        "center_loss_weight": aa_cfg.CENTER_LOSS_WEIGHT,
-        "force_topk": aa_cfg.FORCE_TOPK,
-        "topk": aa_cfg.TOPK,
-        "duplicate_rule": head_cfg.DUPLICATE_RULE,
-    }
+def _load_renamed_keys(module, state_dict, prefix, *args):
+    """Load-state-dict pre-hook: a checkpoint's keys from before the move of the centre prior
+    into the assigner, renamed (where this model has the new key, with the same shape)."""
+    own = module.state_dict()
+    for old, new in _RENAMED_KEYS.items():
+        if (prefix + old in state_dict and prefix + new not in state_dict and new in own
+                and own[new].shape == state_dict[prefix + old].shape):
+            state_dict[prefix + new] = state_dict.pop(prefix + old)

@@ -1,9 +1,8 @@
 """What a DW / AutoAssign detector assigns to one image: per GT box and FPN level, the
 positive and negative weights over the points, as heat maps on the image.
 
-The weights come from the public weighting functions (:func:`dw_d2.dual_weighting_loss`,
-:func:`dw_d2.autoassign_loss`, called with ``return_weights=True``) on the detector's own head
-outputs, points and loss hyper-parameters, so the pictures show exactly what training uses.
+The weights come from the detector's own assigner, called with ``return_weights=True`` on the
+detector's head outputs and points, so the pictures show exactly what training uses.
 """
 from dataclasses import dataclass
 from typing import List, Tuple
@@ -33,7 +32,7 @@ class AssignmentMaps:
     """Per-level weight maps of one image, for each of its GT boxes.
 
     Attributes:
-        assigner: "DW" or "AutoAssign".
+        assigner: the assignment scheme's name ("DW", "AutoAssign", ...).
         image: (H, W, 3) uint8 RGB, the detector's (resized) input image.
         padded_size: (H_pad, W_pad), its size once padded for the backbone; the feature maps
             cover it.
@@ -75,8 +74,8 @@ def deterministic_mapper(cfg):
 def assignment_weights(model, batched_inputs):
     """Run the detector's head and its weighting function on a batch, returning the weights.
 
-    The head runs in the model's current mode, without gradient; the weights are those that
-    ``DWDetector.forward_training`` passes to the public weighting function in training.
+    The head runs in the model's current mode, without gradient; the weights are those of the
+    assigner that ``DWDetector.forward_training`` calls in training.
 
     Args:
         model (DWDetector): the detector.
@@ -133,7 +132,7 @@ def compute_assignment_maps(model, mapped_input):
     gt_classes = instances.gt_classes.to(weights["neg_weight"].device)
     image = convert_image_to_rgb(mapped_input["image"].permute(1, 2, 0), model.input_format)
     return AssignmentMaps(
-        assigner=model.assigner,
+        assigner=type(model.assigner).__name__,
         image=np.clip(image, 0, 255).astype(np.uint8),
         padded_size=tuple(images.tensor.shape[-2:]),
         gt_boxes=instances.gt_boxes.tensor.cpu().numpy(),

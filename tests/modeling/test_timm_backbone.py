@@ -20,8 +20,9 @@ from dw_d2.modeling.timm_backbone import (  # noqa: E402
     map_state_dict,
 )
 
-REPO = Path(__file__).resolve().parents[2]
-LITE0_CONFIG = REPO / "configs" / "Builtin" / "dw_lite0_FPN_shapes.yaml"
+from tests.helpers import BUILTIN_CONFIGS  # noqa: E402
+
+LITE0_CONFIG = BUILTIN_CONFIGS / "dw_lite0_FPN_shapes.yaml"
 # ImageNet class 652, "military uniform": what matplotlib's photo of Grace Hopper shows.
 MILITARY_UNIFORM = 652
 
@@ -112,10 +113,11 @@ def test_frozen_bn_keeps_the_fused_activation_and_the_statistics():
     trained_bn = TimmBackbone("efficientnet_lite0", [2, 3, 4], norm="BN").eval()
     frozen_bn = TimmBackbone("efficientnet_lite0", [2, 3, 4], norm="FrozenBN").train()
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in frozen_bn.modules())
-    image = torch.rand(2, 3, 64, 64)
+    image = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         for a, b in zip(trained_bn(image).values(), frozen_bn(image).values()):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+            # The same arithmetic in another order (x * scale + shift): float32 rounding.
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("model_name,first_trained", [

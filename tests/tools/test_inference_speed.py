@@ -1,11 +1,12 @@
 """tools/inference_speed.py prints one images-per-second row per config."""
 import pytest
 
-from tool_modules import REPO, load_tool
+from tests.helpers import REPO
+from tools import inference_speed as tool_module
 
 
 def test_inference_speed_table(capsys):
-    tool = load_tool("inference_speed")
+    tool = tool_module
     configs = [str(REPO / "configs" / "Builtin" / name)
                for name in ("dw_lite0_FPN_shapes.yaml", "dw_R_18_FPN_shapes.yaml")]
     assert tool.main([*configs, "--size", "64", "--images", "2", "--repeats", "1",
@@ -20,4 +21,4 @@ def test_inference_speed_table(capsys):
 
 def test_one_checkpoint_per_config_is_required():
     with pytest.raises(ValueError, match="one checkpoint per config"):
-        load_tool("inference_speed").main(["a.yaml", "b.yaml", "--weights", "x.pth"])
+        tool_module.main(["a.yaml", "b.yaml", "--weights", "x.pth"])

@@ -4,7 +4,7 @@ import json
 import pytest
 from PIL import Image
 
-from tool_modules import load_tool
+from tools import run_with_coco as tool_module
 
 
 @pytest.fixture
@@ -29,14 +29,14 @@ def test_the_script_sees_the_registered_dataset(tmp_path, tiny_coco, capsys):
         "records = DatasetCatalog.get('tiny_run_with_coco')\n"
         "print(len(records), records[0]['annotations'][0]['bbox'],\n"
         "      MetadataCatalog.get('tiny_run_with_coco').thing_classes, sys.argv[1:])\n")
-    load_tool("run_with_coco").main(["--dataset", "tiny_run_with_coco", str(json_file),
+    tool_module.main(["--dataset", "tiny_run_with_coco", str(json_file),
                                      str(images), "--", str(script), "--flag", "x"])
     assert capsys.readouterr().out.strip() == "1 [2, 3, 10, 8] ['thing'] ['--flag', 'x']"
 
 
 def test_missing_files_and_missing_script_are_errors(tmp_path, tiny_coco):
     json_file, images = tiny_coco
-    tool = load_tool("run_with_coco")
+    tool = tool_module
     with pytest.raises(FileNotFoundError, match="missing.json"):
         tool.main(["--dataset", "x1", str(tmp_path / "missing.json"), str(images), "--", "a.py"])
     with pytest.raises(SystemExit, match="after '--'"):
