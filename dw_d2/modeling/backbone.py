@@ -3,8 +3,10 @@ import math
 
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
-from detectron2.modeling.backbone import FPN, build_resnet_backbone
+from detectron2.modeling.backbone import FPN
 from detectron2.modeling.backbone.fpn import LastLevelP6P7
+
+from .resnet import build_dw_resnet
 
 __all__ = ["build_dw_resnet_fpn_backbone"]
 
@@ -16,12 +18,15 @@ def build_dw_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
 
     Detectron2's RetinaNet backbone feeds C5 to P6 instead; DW's official config uses FPN's
     ``add_extra_convs='on_output'`` with ``relu_before_extra_convs``, which is this layout.
-    ResNet-18/34 work too (set ``MODEL.RESNETS.RES2_OUT_CHANNELS`` to 64).
+    The ResNet is :func:`~dw_d2.modeling.resnet.build_dw_resnet`: Detectron2's, with dw-d2's
+    norm names (``MODEL.RESNETS.NORM FrozenStatsBN``) and deformable stages that need no
+    compiled operator (``MODEL.RESNETS.DEFORM_ON_PER_STAGE``). ResNet-18/34 work too (set
+    ``MODEL.RESNETS.RES2_OUT_CHANNELS`` to 64).
 
     Returns:
         FPN: a Backbone with outputs p3-p7 (strides 8-128), ``MODEL.FPN.OUT_CHANNELS`` each.
     """
-    bottom_up = build_resnet_backbone(cfg, input_shape)
+    bottom_up = build_dw_resnet(cfg, input_shape)
     out_channels = cfg.MODEL.FPN.OUT_CHANNELS
     in_features = cfg.MODEL.FPN.IN_FEATURES
     missing = [f for f in in_features if f not in bottom_up.output_shape()]
