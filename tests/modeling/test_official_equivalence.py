@@ -19,8 +19,7 @@ import torch
 from detectron2.modeling import build_model
 from detectron2.modeling.postprocessing import detector_postprocess
 
-from dw_d2.engine import EvaluationCheckpointer
-from tests.helpers import REPO, make_cfg
+from tests.helpers import REPO, make_cfg, recording_checkpointer
 from tests.official_model import load_official, normalised_batch
 
 RTOL = 1e-6
@@ -30,15 +29,6 @@ IMAGE_SIZES = [(96, 128), (70, 100)]
 # covers its config choice).
 EQUIVALENCE_CASES = ["dw_r50_1x", "dw_r50_1x_norefine", "dw_r50_dcn_ms_2x",
                      "dw_r101_ms_2x_norefine", "autoassign_r50_1x"]
-
-
-class RecordingCheckpointer(EvaluationCheckpointer):
-    """The checkpointer of ``train_net.py --eval-only``, keeping Detectron2's report of
-    incompatible keys."""
-
-    def _load_model(self, checkpoint):
-        self.incompatible = super()._load_model(checkpoint)
-        return self.incompatible
 
 
 def relative_difference(actual, expected):
@@ -75,7 +65,7 @@ def test_converted_official_model_predicts_as_the_official_code(name, official_c
 
     cfg = make_cfg(config, tmp_path, "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", checkpoint)
     model = build_model(cfg)
-    checkpointer = RecordingCheckpointer(model)
+    checkpointer = recording_checkpointer(model)
     checkpointer.load(cfg.MODEL.WEIGHTS)
     incompatible = checkpointer.incompatible
     assert incompatible.missing_keys == []
