@@ -656,6 +656,12 @@ def convert(input_path: Path, output_path: Path, allow_pickle: bool = False,
     config, opts, official = choose_config(layout, meta)
     if official is not None:
         out(f"  the official model {official.official_config} (COCO val AP {official.official_ap})")
+        key = (layout.scheme, layout.depth, layout.box_refinement, layout.has_dcn)
+        if meta.get("exp_name") != official.official_config:
+            for other in OFFICIAL_MODELS[key][1:]:
+                out(f"  or {other.official_config} (COCO val AP {other.official_ap}): the same "
+                    f"layout and test settings, another training recipe "
+                    f"({CONFIG_DIR / other.config}); meta names no experiment to tell them apart")
     else:
         out("  not one of the official models' layouts: the config below is the closest, with "
             "the options it needs")
