@@ -32,13 +32,16 @@ def test_detectron2_norms_build_detectron2s_resnet(opts):
     cfg = resnet_cfg(*opts)
     torch.manual_seed(0)
     ours = build_dw_resnet(cfg, INPUT)
+    torch.manual_seed(0)
     theirs = build_resnet_backbone(cfg, INPUT)
+    # The same modules, names and initial weights (so seeded runs keep their results).
     assert [(k, v.shape) for k, v in ours.state_dict().items()] == \
         [(k, v.shape) for k, v in theirs.state_dict().items()]
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(),
+                                                 theirs.state_dict().values()))
     assert [type(m) for m in ours.modules()] == [type(m) for m in theirs.modules()]
     assert [p.requires_grad for p in ours.parameters()] == \
         [p.requires_grad for p in theirs.parameters()]
-    theirs.load_state_dict(ours.state_dict())
     x = torch.randn(1, 3, 64, 96)
     for name, feature in ours.eval()(x).items():
         torch.testing.assert_close(feature, theirs.eval()(x)[name])
