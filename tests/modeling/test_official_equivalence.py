@@ -24,7 +24,7 @@ from tests.official_model import load_official, normalised_batch
 
 RTOL = 1e-6
 # Two images of different sizes in one batch: padding, and clipping to each image's size.
-IMAGE_SIZES = [(96, 128), (70, 100)]
+IMAGE_SIZES = [(64, 96), (50, 70)]
 # The cases the tests cover; "dw_r50_ms_2x" has the layout of "dw_r50_1x" (the converter test
 # covers its config choice).
 EQUIVALENCE_CASES = ["dw_r50_1x", "dw_r50_1x_norefine", "dw_r50_dcn_ms_2x",
