@@ -21,8 +21,8 @@ from detectron2.layers import Conv2d
 from detectron2.modeling.backbone.resnet import (BasicBlock, BasicStem, BottleneckBlock,
                                                  ResNet)
 
-from ..layers import DeformConv, get_norm, has_frozen_statistics, resolve_norm, \
-    split_offsets_and_mask
+from ..layers import (DeformConv, get_norm, has_frozen_statistics, resolve_norm,
+                      split_offsets_and_mask)
 
 __all__ = ["build_dw_resnet", "DeformBottleneckBlock", "freeze_resnet_stages"]
 
