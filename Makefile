@@ -1,7 +1,7 @@
 # dw-d2 entry points. Every target installs what it needs first (idempotent).
 VENV ?= .venv
 PY := $(VENV)/bin/python
-CONFIG ?= configs/Builtin/dw_R_18_FPN_shapes.yaml
+CONFIG ?= configs/Builtin/dw_lite0_FPN_shapes.yaml
 OUTPUT ?= output/shapes_dw
 
 .PHONY: setup run test test-fast bench compare check-data env clean
@@ -9,7 +9,8 @@ OUTPUT ?= output/shapes_dw
 setup:
 	@bash tools/setup_env.sh
 
-# The main job: train DW (box refinement on) on the built-in dataset, then COCO-evaluate it.
+# The main job: fine-tune DW (box refinement on) from ImageNet weights on the built-in dataset,
+# then COCO-evaluate it.
 run: setup
 	$(PY) train_net.py --config-file $(CONFIG) OUTPUT_DIR $(OUTPUT)
 

@@ -96,3 +96,35 @@ def _add_assigner_config(cfg):
         if not cfg.key_is_renamed(old):
             cfg.register_renamed_key(
                 old, new, "dw-d2's label-assignment keys are under MODEL.ASSIGNER")
+
+    _add_pretrained_backbone_and_schedule_config(cfg)
+
+
+def _add_pretrained_backbone_and_schedule_config(cfg):
+    """``MODEL.TIMM`` (ImageNet-pretrained timm backbones, ``build_dw_timm_fpn_backbone``) and
+    ``SOLVER`` schedule keys that follow ``SOLVER.MAX_ITER``."""
+    cfg.MODEL.TIMM = CN()
+    # Any timm model that supports features_only.
+    cfg.MODEL.TIMM.NAME = "efficientnet_lite0"
+    # Which of timm's feature maps feed the FPN (all of them, finest first); strides and
+    # channels come from timm's feature_info. For efficientnet_lite0, (2, 3, 4) are strides
+    # 8/16/32 with 40/112/320 channels: the FPN then outputs p3-p7.
+    cfg.MODEL.TIMM.OUT_INDICES = [2, 3, 4]
+    # Load ImageNet weights: MODEL.TIMM.WEIGHTS_FILE if set, else weights an installed package
+    # ships (efficientnet_lite0), else timm's own download.
+    cfg.MODEL.TIMM.PRETRAINED = True
+    # A state_dict of the whole timm classifier (timm's names, or its tensors in timm's order).
+    cfg.MODEL.TIMM.WEIGHTS_FILE = ""
+    # The pretrained BatchNorm layers: "BN" (keep training) or "FrozenBN" (ImageNet
+    # statistics and affine parameters fixed).
+    cfg.MODEL.TIMM.NORM = "BN"
+    # Stages not trained (timm's feature_info order; 1 = the stride-2 stage, 2 = up to
+    # stride 4, ...); 0 trains the whole network.
+    cfg.MODEL.TIMM.FREEZE_AT = 0
+
+    # LR steps and warm-up as fractions of SOLVER.MAX_ITER (dw-d2's Trainer), so that
+    # overriding MAX_ITER keeps the schedule's shape; Detectron2's SOLVER.STEPS and
+    # SOLVER.WARMUP_ITERS are iteration counts that do not follow it. When set (non-empty,
+    # >= 0), they replace SOLVER.STEPS / SOLVER.WARMUP_ITERS.
+    cfg.SOLVER.STEP_FRACTIONS = ()
+    cfg.SOLVER.WARMUP_FRACTION = -1.0

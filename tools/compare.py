@@ -2,9 +2,10 @@
 """Ablation: train DW, DW without box refinement, every other assignment scheme and FCOS
 alike; compare COCO AP.
 
-Every run starts from one reference config (default: the built-in DW config) and changes only
-what defines the method, so backbone, head width, input size, schedule, batch and seed are
-identical:
+Every run starts from one reference config (default: the main job's, DW on the built-in
+dataset from the ImageNet-pretrained EfficientNet-Lite0) and changes only what defines the
+method, so backbone and its ImageNet start, head width, input size, schedule, batch and seed
+are identical:
 
     dw           the reference config (DW, box refinement on)
     dw_norefine  MODEL.DW.BOX_REFINEMENT False
@@ -43,7 +44,7 @@ from dw_d2.viz.comparison import (  # noqa: E402
 )
 from dw_d2.viz.tool_config import load_config  # noqa: E402
 
-DEFAULT_CONFIG = REPO / "configs" / "Builtin" / "dw_R_18_FPN_shapes.yaml"
+DEFAULT_CONFIG = REPO / "configs" / "Builtin" / "dw_lite0_FPN_shapes.yaml"
 
 
 def run_overrides():

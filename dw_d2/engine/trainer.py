@@ -12,6 +12,8 @@ On top of ``DefaultTrainer`` it
   training starts, and before each evaluation, so that a bad file stops the run before
   iteration 0 rather than in the final evaluation;
 * checks that the model's number of classes matches the datasets';
+* places the LR steps and warm-up at fractions of ``SOLVER.MAX_ITER`` when
+  ``SOLVER.STEP_FRACTIONS`` / ``SOLVER.WARMUP_FRACTION`` are set (:mod:`.schedule`);
 * saves in checkpoints what Detectron2's leave out: the optimizer's state (Detectron2 2021's
   ``DefaultTrainer`` saves only the model, iteration and LR scheduler, so a resumed run lost
   SGD's momentum), the loss-normaliser EMA of Detectron2's dense detectors (RetinaNet keeps it
@@ -38,6 +40,7 @@ from detectron2.utils.file_io import PathManager
 from ..data import build_resumable_train_loader, check_evaluation_dataset, prepare_dataset
 from ..env import has_compiled_ops
 from .checks import check_num_classes
+from .schedule import schedule_in_iterations
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +73,12 @@ class Trainer(DefaultTrainer):
         loader = build_resumable_train_loader(cfg)
         check_num_classes(cfg, cfg.DATASETS.TRAIN)
         return loader
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        """Detectron2's scheduler, with the steps and warm-up of ``SOLVER.STEP_FRACTIONS`` /
+        ``SOLVER.WARMUP_FRACTION`` when they are set."""
+        return super().build_lr_scheduler(schedule_in_iterations(cfg), optimizer)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):

@@ -5,6 +5,7 @@ from .assigners import ASSIGNER_REGISTRY, AutoAssign, DW, build_assigner
 from .backbone import build_dw_resnet_fpn_backbone
 from .head import DWHead, HeadOutputs
 from .meta_arch import DWDetector
+from .timm_backbone import build_dw_timm_fpn_backbone
 
 __all__ = [
     "DWDetector",
@@ -18,4 +19,5 @@ __all__ = [
     "PointLayout",
     "level_points",
     "build_dw_resnet_fpn_backbone",
+    "build_dw_timm_fpn_backbone",
 ]

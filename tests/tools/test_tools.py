@@ -175,7 +175,8 @@ def test_compare_reuses_only_a_finished_run_with_the_same_config(tmp_path, capsy
     (run_dir / "config.yaml").write_text(load_config(BUILTIN_DW_CONFIG, opts).dump())
     (run_dir / "log.txt").write_text(LOG_WITH_TWO_EVALUATIONS)
 
-    argv = ["--reuse", "--runs", "dw", "--iters", "10", "--output", str(tmp_path)]
+    argv = ["--config-file", str(BUILTIN_DW_CONFIG), "--reuse", "--runs", "dw", "--iters", "10",
+            "--output", str(tmp_path)]
     assert compare.main(argv) == 0  # returns at once: nothing is trained
     out = capsys.readouterr().out
     assert "reusing the finished run" in out
