@@ -42,7 +42,7 @@ def test_detectron2_norms_build_detectron2s_resnet(opts):
     assert [type(m) for m in ours.modules()] == [type(m) for m in theirs.modules()]
     assert [p.requires_grad for p in ours.parameters()] == \
         [p.requires_grad for p in theirs.parameters()]
-    x = torch.randn(1, 3, 64, 96)
+    x = torch.randn(1, 3, 32, 64)
     for name, feature in ours.eval()(x).items():
         torch.testing.assert_close(feature, theirs.eval()(x)[name])
 

@@ -136,16 +136,17 @@ def test_a_layout_no_official_model_has_gets_the_closest_config_and_options(
                                     f"{output} MODEL.DW.BOX_REFINEMENT False")
 
 
-def test_a_bare_state_dict_of_a_layout_two_official_models_share(official_checkpoints,
-                                                                  tmp_path, capsys):
+def test_a_bare_state_dict_of_a_layout_two_official_models_share(official_checkpoints, tmp_path,
+                                                                 capsys):
     case = official_checkpoints("dw_r50_1x")
     bare = tmp_path / "bare.pth"
     torch.save(torch.load(case.mmdet, weights_only=True)["state_dict"], bare)
     code, out, _ = run_tool(bare, tmp_path / "out.pth", capsys=capsys)
     assert code == 0
     assert "a bare state_dict" in out and "no config text in meta" in out
-    assert "  or dw_r50_fpn_mstrain_2x_coco.py (COCO val AP 44.8): the same layout and test " \
-           "settings, another training recipe (configs/COCO-Detection/dw_R_50_FPN_ms_2x.yaml)" in out
+    assert ("  or dw_r50_fpn_mstrain_2x_coco.py (COCO val AP 44.8): the same layout and test "
+            "settings, another training recipe (configs/COCO-Detection/dw_R_50_FPN_ms_2x.yaml)"
+            in out)
 
 
 def test_a_config_that_contradicts_the_tensors_is_refused(official_checkpoints, tmp_path,
