@@ -25,6 +25,24 @@ def add_dw_config(cfg):
     cfg.MODEL.DW.NMS_THRESH_TEST = 0.6
 
     _add_assigner_config(cfg)
+    _add_official_model_config(cfg)
+
+
+def _add_official_model_config(cfg):
+    """The layers and the test path of the official models that the keys above do not cover:
+    DCN in the head towers and the rule that ranks candidates at inference. (The ResNet's
+    frozen-statistics BN is ``MODEL.RESNETS.NORM "FrozenStatsBN"``, its deformable stages
+    Detectron2's ``MODEL.RESNETS.DEFORM_*`` keys; see dw_d2.modeling.resnet.)"""
+    # The last conv of each head tower as a modulated deformable conv (DCNv2) predicting its own
+    # offsets: the official DCN model's heads (MMDetection's dcn_on_last_conv).
+    cfg.MODEL.DW.DCN_ON_LAST_CONV = False
+    # How inference ranks the (point, class) candidates of a level before NMS, one of
+    # dw_d2.modeling.INFERENCE_SCORES:
+    #   "joint": threshold and top-k on sigmoid(cls) * sigmoid(ctr) (the official DW test path);
+    #   "class_then_joint": threshold and top-k on sigmoid(cls) alone, then the kept scores are
+    #     multiplied by sigmoid(ctr) before NMS (MMDetection's FCOS and AutoAssign test path);
+    #   "": the assignment scheme's reference (DW: joint; AutoAssign: class_then_joint).
+    cfg.MODEL.DW.INFERENCE_SCORE = ""
 
 
 def _add_assigner_config(cfg):

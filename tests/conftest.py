@@ -148,3 +148,37 @@ def shapes_subset(tmp_path):
     yield make
     for name in names:
         unregister(name)
+
+
+@pytest.fixture(scope="session")
+def official_checkpoints(tmp_path_factory):
+    """``official_checkpoints(name)``: the official model ``name`` of
+    ``tests.official_model.OFFICIAL_CASES`` with random weights, saved as MMDetection saves it
+    (``.mmdet``) and converted by ``tools/convert_official_checkpoint.py`` run as a user runs it
+    (``.converted``, ``.printed``: what it printed). Made once per session and name."""
+    import contextlib
+    import io
+    from types import SimpleNamespace
+
+    from tests.official_model import (OFFICIAL_CASES, OfficialDetector, mmdet_checkpoint,
+                                      randomize_)
+    from tools import convert_official_checkpoint
+
+    made = {}
+
+    def make(name):
+        if name not in made:
+            layout, config = OFFICIAL_CASES[name]
+            folder = tmp_path_factory.mktemp(name)
+            torch.manual_seed(0)
+            model = randomize_(OfficialDetector(layout), seed=sorted(OFFICIAL_CASES).index(name))
+            source, target = folder / f"{name}_mmdet.pth", folder / f"{name}_d2.pth"
+            torch.save(mmdet_checkpoint(model), source)
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):
+                assert convert_official_checkpoint.main([str(source), str(target)]) == 0
+            made[name] = SimpleNamespace(layout=layout, config=config, mmdet=source,
+                                         converted=target, printed=printed.getvalue())
+        return made[name]
+
+    return make

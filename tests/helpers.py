@@ -87,6 +87,19 @@ def image_input(height, width, boxes=(), classes=(), seed=0):
     return {"image": image, "instances": instances, "height": height, "width": width}
 
 
+def recording_checkpointer(model):
+    """The checkpointer of ``train_net.py --eval-only`` for ``model``, keeping Detectron2's
+    report of incompatible keys of its last ``load`` in ``.incompatible``."""
+    from dw_d2.engine import EvaluationCheckpointer
+
+    class RecordingCheckpointer(EvaluationCheckpointer):
+        def _load_model(self, checkpoint):
+            self.incompatible = super()._load_model(checkpoint)
+            return self.incompatible
+
+    return RecordingCheckpointer(model)
+
+
 # --------------------------------------------------------------------------------------------
 # train_net.py
 # --------------------------------------------------------------------------------------------

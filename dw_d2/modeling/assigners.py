@@ -42,7 +42,8 @@ Optional class attributes say what the scheme's reference implementation does el
 * ``reference_point_offset`` (default 0.5): where the point of a feature cell sits,
   ``((x + o) * s, (y + o) * s)``, when ``MODEL.ASSIGNER.POINT_OFFSET`` is None;
 * ``inference_score`` (default ``"joint"``): how inference ranks (point, class) candidates,
-  one of :data:`dw_d2.modeling.meta_arch.INFERENCE_SCORES`.
+  one of :data:`dw_d2.modeling.meta_arch.INFERENCE_SCORES`, unless
+  ``MODEL.DW.INFERENCE_SCORE`` names one.
 """
 
 
@@ -145,7 +146,8 @@ class AutoAssign(nn.Module):
     parameters initialised at 0 and 1."""
 
     reference_point_offset = 0.0  # MMDetection's point generator: (x * s, y * s)
-    inference_score = "joint"
+    # MMDetection's test path: threshold and top-k on sigmoid(cls), then times sigmoid(obj).
+    inference_score = "class_then_joint"
 
     @configurable
     def __init__(self, *, num_classes: int, giou_weight: float = 5.0,

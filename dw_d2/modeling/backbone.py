@@ -5,8 +5,10 @@ from typing import Sequence
 
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
-from detectron2.modeling.backbone import FPN, build_resnet_backbone
+from detectron2.modeling.backbone import FPN
 from detectron2.modeling.backbone.fpn import LastLevelP6P7
+
+from .resnet import build_dw_resnet
 
 __all__ = ["build_dw_resnet_fpn_backbone", "dw_fpn"]
 
@@ -53,12 +55,15 @@ def build_dw_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
     """ResNet + FPN on ``MODEL.FPN.IN_FEATURES`` (C3-C5), then P6 = conv(P5) and
     P7 = conv(relu(P6)) (:func:`dw_fpn`).
 
-    ResNet-18/34 work too (set ``MODEL.RESNETS.RES2_OUT_CHANNELS`` to 64).
+    The ResNet is :func:`~dw_d2.modeling.resnet.build_dw_resnet`: Detectron2's, with dw-d2's
+    norm names (``MODEL.RESNETS.NORM FrozenStatsBN``) and deformable stages that need no
+    compiled operator (``MODEL.RESNETS.DEFORM_ON_PER_STAGE``). ResNet-18/34 work too (set
+    ``MODEL.RESNETS.RES2_OUT_CHANNELS`` to 64).
 
     Returns:
         FPN: a Backbone with outputs p3-p7 (strides 8-128), ``MODEL.FPN.OUT_CHANNELS`` each.
     """
-    bottom_up = build_resnet_backbone(cfg, input_shape)
+    bottom_up = build_dw_resnet(cfg, input_shape)
     in_features = cfg.MODEL.FPN.IN_FEATURES
     missing = [f for f in in_features if f not in bottom_up.output_shape()]
     if missing:

@@ -10,6 +10,7 @@ from detectron2.config import configurable
 from detectron2.layers import ShapeSpec, get_norm
 
 from ..box_refinement import refine_box_distances_at
+from ..layers import ModulatedDeformConvWithOffsets
 from ..points import PointGrid, PointLayout
 
 __all__ = ["DWHead", "HeadOutputs"]
@@ -40,6 +41,12 @@ class DWHead(nn.Module):
     they are then refined by :func:`dw_d2.box_refinement.refine_box_distances_at`, as in the
     official head: losses and inference see the refined distances only.
 
+    With ``deformable_last_conv``, the last conv of each tower is a modulated deformable conv
+    (DCNv2, :class:`~dw_d2.layers.ModulatedDeformConvWithOffsets`) predicting its own offsets
+    and mask, as in the official DCN model's heads (MMDetection's ``dcn_on_last_conv``); it is
+    initialised as there: its weight uniform in +-1/sqrt(fan_in), its offset conv like the other
+    convs.
+
     The head builds the batch's points (one per feature cell, at ``point_offset`` inside it)
     and returns them with its predictions.
     """
@@ -55,6 +62,7 @@ class DWHead(nn.Module):
         prior_prob: float = 0.02,
         distance_bias_init: float = 4.0,
         box_refinement: bool = True,
+        deformable_last_conv: bool = False,
         point_offset: float = 0.5,
     ):
         """
@@ -68,6 +76,7 @@ class DWHead(nn.Module):
             distance_bias_init: initial bias of the distance conv (distances start at
                 ``relu(bias) * stride``).
             box_refinement: whether to add the refinement-offset conv.
+            deformable_last_conv: whether the last conv of each tower is deformable (DCNv2).
             point_offset: the point of cell (y, x) sits at ((x + o) * s, (y + o) * s).
         """
         super().__init__()
@@ -97,8 +106,8 @@ class DWHead(nn.Module):
 
         self.num_classes = num_classes
         self.strides = [int(s.stride) for s in input_shape]
-        self.cls_tower = self._make_tower(in_channels, num_convs, norm)
-        self.reg_tower = self._make_tower(in_channels, num_convs, norm)
+        self.cls_tower = self._make_tower(in_channels, num_convs, norm, deformable_last_conv)
+        self.reg_tower = self._make_tower(in_channels, num_convs, norm, deformable_last_conv)
         self.cls_score = nn.Conv2d(in_channels, num_classes, 3, padding=1)
         self.distance_pred = nn.Conv2d(in_channels, 4, 3, padding=1)
         self.centerness_pred = nn.Conv2d(in_channels, 1, 3, padding=1)
@@ -116,10 +125,13 @@ class DWHead(nn.Module):
         nn.init.constant_(self.distance_pred.bias, distance_bias_init)
 
     @staticmethod
-    def _make_tower(channels: int, num_convs: int, norm: str) -> nn.Sequential:
+    def _make_tower(channels: int, num_convs: int, norm: str,
+                    deformable_last_conv: bool) -> nn.Sequential:
         layers = []
-        for _ in range(num_convs):
-            layers.append(nn.Conv2d(channels, channels, 3, padding=1, bias=True))
+        for index in range(num_convs):
+            conv_class = (ModulatedDeformConvWithOffsets
+                          if deformable_last_conv and index == num_convs - 1 else nn.Conv2d)
+            layers.append(conv_class(channels, channels, 3, padding=1, bias=True))
             norm_layer = get_norm(norm, channels)
             if norm_layer is not None:
                 layers.append(norm_layer)
@@ -137,6 +149,7 @@ class DWHead(nn.Module):
             "prior_prob": head.PRIOR_PROB,
             "distance_bias_init": head.DISTANCE_BIAS_INIT,
             "box_refinement": head.BOX_REFINEMENT,
+            "deformable_last_conv": head.DCN_ON_LAST_CONV,
         }
 
     @property

@@ -3,9 +3,10 @@ from typing import List, Tuple
 
 import torch
 from torch import Tensor, nn
+from torchvision.ops import batched_nms
 
 from detectron2.config import configurable
-from detectron2.layers import batched_nms, cat
+from detectron2.layers import cat
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.structures import Boxes, ImageList, Instances
@@ -16,9 +17,13 @@ from .head import DWHead, HeadOutputs
 __all__ = ["DWDetector", "INFERENCE_SCORES"]
 
 # How inference ranks the (point, class) candidates of a level, by the name an assignment
-# scheme declares as its ``inference_score`` (its reference implementation's test path):
-#   "joint": threshold and top-k on sigmoid(cls) * sigmoid(ctr), the official DW test path.
-INFERENCE_SCORES = ("joint",)
+# scheme declares as its ``inference_score`` (its reference implementation's test path) or
+# MODEL.DW.INFERENCE_SCORE names:
+#   "joint": threshold and top-k on sigmoid(cls) * sigmoid(ctr), the official DW test path;
+#   "class_then_joint": threshold and top-k on sigmoid(cls) alone; the kept candidates' scores
+#     are then multiplied by sigmoid(ctr), before NMS (MMDetection's FCOS/AutoAssign test path).
+# Both end with the joint score sigmoid(cls) * sigmoid(ctr) on the detections.
+INFERENCE_SCORES = ("joint", "class_then_joint")
 
 # Checkpoints written before the assignment schemes became modules kept the centre prior on
 # the detector (AutoAssign's learnable one was saved; DW's fixed one was not): old key -> new.
@@ -35,8 +40,9 @@ class DWDetector(DenseDetector):
     batch's points. The assigner (``MODEL.ASSIGNER.NAME``, from
     :data:`~dw_d2.modeling.assigners.ASSIGNER_REGISTRY`: DW or AutoAssign built in) turns them
     and the GT boxes into the training losses; the detector does not know which scheme it runs.
-    Inference ranks candidates by the score the scheme declares (``sigmoid(cls) *
-    sigmoid(ctr)`` for both built-in schemes), then applies class-wise NMS.
+    Inference ranks candidates as the scheme's reference implementation does (DW: by
+    ``sigmoid(cls) * sigmoid(ctr)``; AutoAssign: by ``sigmoid(cls)``, as MMDetection) or as
+    ``MODEL.DW.INFERENCE_SCORE`` says, then applies class-wise NMS.
     """
 
     @configurable
@@ -98,6 +104,11 @@ class DWDetector(DenseDetector):
         if head_cfg.NUM_CLASSES < 1:
             raise ValueError(f"MODEL.DW.NUM_CLASSES must be >= 1, got {head_cfg.NUM_CLASSES}")
         assigner = build_assigner(cfg)
+        inference_score = (head_cfg.INFERENCE_SCORE
+                           or getattr(assigner, "inference_score", "joint"))
+        if inference_score not in INFERENCE_SCORES:
+            raise ValueError(f"MODEL.DW.INFERENCE_SCORE {head_cfg.INFERENCE_SCORE!r} is not one "
+                             f"of {INFERENCE_SCORES} or '' (the scheme's reference)")
 
         backbone = build_backbone(cfg)
         backbone_shapes = backbone.output_shape()
@@ -116,7 +127,7 @@ class DWDetector(DenseDetector):
             "head": head,
             "head_in_features": in_features,
             "assigner": assigner,
-            "inference_score": getattr(assigner, "inference_score", "joint"),
+            "inference_score": inference_score,
             "test_score_thresh": head_cfg.SCORE_THRESH_TEST,
             "test_topk_candidates": head_cfg.TOPK_CANDIDATES_TEST,
             "test_nms_thresh": head_cfg.NMS_THRESH_TEST,
@@ -190,22 +201,26 @@ class DWDetector(DenseDetector):
             self._top_candidates_per_level(*level)
             for level in zip(cls_logits, box_dists, ctr_logits, level_points)
         ]
-        scores, classes, boxes = (cat(parts, dim=1) for parts in zip(*candidates))
+        scores, classes, boxes, above_threshold = (cat(parts, dim=1)
+                                                   for parts in zip(*candidates))
 
         results = []
         for image_index, image_size in enumerate(images.image_sizes):
-            keep = scores[image_index] > self.test_score_thresh
-            image_boxes = Boxes(boxes[image_index][keep])
-            image_boxes.clip(image_size)
+            keep = above_threshold[image_index]
+            image_boxes = _clip_to_image(boxes[image_index][keep], image_size)
             image_scores = scores[image_index][keep]
             image_classes = classes[image_index][keep]
-            kept = batched_nms(
-                image_boxes.tensor, image_scores, image_classes, self.test_nms_thresh
-            )[: self.max_detections_per_image]
+            # NMS in the model's precision, at least float32: Detectron2's Boxes and batched_nms
+            # cast the boxes to float32 (and batched_nms not the scores, which then fails for
+            # a float64 model).
+            nms_dtype = torch.promote_types(image_boxes.dtype, torch.float32)
+            kept = batched_nms(image_boxes.to(nms_dtype), image_scores.to(nms_dtype),
+                               image_classes, self.test_nms_thresh)
+            kept = kept[: self.max_detections_per_image]
             results.append(
                 Instances(
                     image_size,
-                    pred_boxes=image_boxes[kept],
+                    pred_boxes=Boxes(image_boxes[kept]),
                     scores=image_scores[kept],
                     pred_classes=image_classes[kept],
                 )
@@ -214,27 +229,47 @@ class DWDetector(DenseDetector):
 
     def _top_candidates_per_level(
         self, cls_logits: Tensor, box_dists: Tensor, ctr_logits: Tensor, points: Tensor
-    ) -> Tuple[Tensor, Tensor, Tensor]:
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """The ``test_topk_candidates`` best (point, class) pairs of one level, per image, as
-        ranked by ``self.inference_score`` (the place for another scheme's ranking).
+        ranked by ``self.inference_score`` (see :data:`INFERENCE_SCORES`).
 
         Args:
             cls_logits: (N, P, C); box_dists: (N, P, 4); ctr_logits: (N, P, 1); points: (P, 2).
 
         Returns:
-            scores (N, k), classes (N, k) int64 and boxes (N, k, 4) XYXY, k <= topk; pairs at
-            or below the score threshold have their score but are filtered by the caller.
+            scores (N, k) (the joint scores), classes (N, k) int64, boxes (N, k, 4) XYXY and
+            above_threshold (N, k) bool, whether the ranking score exceeds the score threshold,
+            with k <= topk. The top-k of the pairs above the threshold are the pairs above the
+            threshold among the top-k, so this equals thresholding first (as MMDetection does).
         """
         num_images, num_points, num_classes = cls_logits.shape
-        scores = (cls_logits.sigmoid() * ctr_logits.sigmoid()).reshape(num_images, -1)
-        k = min(self.test_topk_candidates, scores.shape[1])
-        scores, flat_index = scores.topk(k, dim=1)
+        cls_scores = cls_logits.sigmoid()
+        ctr_scores = ctr_logits.sigmoid()
+        if self.inference_score == "joint":
+            ranking = (cls_scores * ctr_scores).reshape(num_images, -1)
+        else:  # class_then_joint
+            ranking = cls_scores.reshape(num_images, -1)
+        k = min(self.test_topk_candidates, ranking.shape[1])
+        ranking, flat_index = ranking.topk(k, dim=1)
         point_index = flat_index // num_classes
         classes = flat_index % num_classes
+        if self.inference_score == "joint":
+            scores = ranking
+        else:
+            scores = ranking * ctr_scores.squeeze(-1).gather(1, point_index)
         dists = box_dists.gather(1, point_index.unsqueeze(-1).expand(-1, -1, 4))
         centres = points[point_index].to(dists.dtype)
         boxes = torch.cat((centres - dists[..., :2], centres + dists[..., 2:]), dim=-1)
-        return scores, classes, boxes
+        return scores, classes, boxes, ranking > self.test_score_thresh
+
+
+def _clip_to_image(boxes: Tensor, image_size: Tuple[int, int]) -> Tensor:
+    """(K, 4) XYXY boxes clipped to an image of (height, width), in their own precision
+    (``Boxes.clip`` would round them to float32 first)."""
+    height, width = image_size
+    x1, y1, x2, y2 = boxes.unbind(dim=1)
+    return torch.stack((x1.clamp(min=0, max=width), y1.clamp(min=0, max=height),
+                        x2.clamp(min=0, max=width), y2.clamp(min=0, max=height)), dim=1)
 
 
 def _load_renamed_keys(module, state_dict, prefix, *args):
