@@ -7,8 +7,9 @@ XML. This module downloads that wheel once with pip (``pip download --no-deps``:
 installed), checks its SHA-256, and converts the samples to a one-class COCO dataset:
 
 * ``deepforest_trees_train``: ``2019_YELL_2_528000_4978000_image_crop2`` (2299 x 2472 px,
-  574 crowns, Yellowstone) cut into 400 x 400 tiles (the last row and column smaller); a crown
-  goes to the tile that holds at least half of its box, clipped to the tile;
+  574 crowns, Yellowstone) cut into 6 x 7 tiles of 400 x 400 px, evenly spread from edge to
+  edge (neighbours overlap by 20 to 55 px); a crown goes to each tile that holds at least half
+  of its box, clipped to the tile;
 * ``deepforest_trees_val``: two whole images at their native size, another Yellowstone crop
   (``2019_YELL_2_541000_4977000_image_crop``, 1249 x 1035 px, 279 crowns) and a Florida plot
   (``OSBS_029``, 400 x 400 px, 61 crowns), so that validation also sees another site.
@@ -61,7 +62,7 @@ TREES_DATASET_NAMES = {"deepforest_trees_train": "train", "deepforest_trees_val"
 WHEEL_REQUIREMENT = "deepforest==2.1.0"
 WHEEL_NAME = "deepforest-2.1.0-py3-none-any.whl"
 WHEEL_SHA256 = "8c2798d8e9be7f0004b194fe207b76c1d9fff6e711b3db67b9508dcd5d00ae54"
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
 TILE_SIZE = 400
 # A crown is kept in a tile when at least this fraction of its box lies inside the tile.
 MIN_VISIBLE_FRACTION = 0.5
@@ -125,9 +126,25 @@ def _read_voc_boxes(xml_text: bytes, source: str) -> np.ndarray:
     return np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
 
 
+def _tile_starts(length: int, size: int) -> List[int]:
+    """Where the tiles of one side start: as few ``size``-long tiles as cover ``length``,
+    evenly spread from one edge to the other (neighbours overlap by less than ``size``)."""
+    if length <= size:
+        return [0]
+    count = -(-length // size)
+    return [round(i * (length - size) / (count - 1)) for i in range(count)]
+
+
 def _tiles(width: int, height: int, size: int) -> List[Tuple[int, int, int, int]]:
-    return [(x, y, min(x + size, width), min(y + size, height))
-            for y in range(0, height, size) for x in range(0, width, size)]
+    """Tiles of ``size`` x ``size`` (the image's side where it is smaller) covering the image.
+
+    Every tile has the full size: cutting at multiples of ``size`` instead leaves slivers at
+    the last row and column (72 px high for the training image), which training upscales to
+    its input size and batches together (Detectron2 groups images by aspect ratio), so that
+    a sixth of the iterations would see a few cut crowns at twice their size.
+    """
+    return [(x, y, x + min(size, width), y + min(size, height))
+            for y in _tile_starts(height, size) for x in _tile_starts(width, size)]
 
 
 def _boxes_in_tile(boxes: np.ndarray, tile) -> np.ndarray:

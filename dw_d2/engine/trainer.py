@@ -3,7 +3,8 @@
 On top of ``DefaultTrainer`` it
 
 * evaluates with ``COCOEvaluator`` (the official pycocotools path when Detectron2's compiled
-  operators are missing), writing to ``OUTPUT_DIR/inference``;
+  operators are missing), writing to ``OUTPUT_DIR/inference``, with COCO's ``maxDets`` at
+  ``TEST.DETECTIONS_PER_IMAGE``, so that AP is not capped on images with over 100 objects;
 * loads the training data with :func:`~dw_d2.data.build_resumable_train_loader`: annotations
   and image files validated before training starts (the list of dropped, clipped and ignored
   annotations written to ``OUTPUT_DIR``), and an order and augmentation that ``--resume``
@@ -89,7 +90,13 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        """``COCOEvaluator`` for datasets in COCO format (``evaluator_type`` "coco" or unset)."""
+        """``COCOEvaluator`` for datasets in COCO format (``evaluator_type`` "coco" or unset).
+
+        AP is computed over the ``TEST.DETECTIONS_PER_IMAGE`` best detections of each image
+        (COCO's ``maxDets``): pycocotools' default of 100 would silently cap the recall, and
+        so the AP, of images with more objects than that however many the detector returns.
+        With the default 100 this is COCO's standard AP.
+        """
         evaluator_type = MetadataCatalog.get(dataset_name).get("evaluator_type", "coco")
         if evaluator_type != "coco":
             raise NotImplementedError(
@@ -101,7 +108,8 @@ class Trainer(DefaultTrainer):
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
         return COCOEvaluator(
-            dataset_name, output_dir=output_folder, use_fast_impl=has_compiled_ops()
+            dataset_name, output_dir=output_folder, use_fast_impl=has_compiled_ops(),
+            max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
         )
 
     def resume_or_load(self, resume=True):

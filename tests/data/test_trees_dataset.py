@@ -35,6 +35,20 @@ def test_a_box_goes_to_the_tile_holding_half_of_it_clipped():
     assert in_second.tolist() == [[0, 10, 30, 50], [0, 200, 20, 240]]
 
 
+@pytest.mark.parametrize("length, starts", [
+    (2299, [0, 380, 760, 1139, 1519, 1899]),  # the training image's width
+    (800, [0, 400]),
+    (400, [0]),
+    (300, [0]),  # shorter than a tile: one tile, as long as the image
+])
+def test_tiles_have_the_full_size_and_cover_the_image(length, starts):
+    assert trees._tile_starts(length, 400) == starts
+    tiles = trees._tiles(length, 1000, 400)
+    assert {(x1 - x0, y1 - y0) for x0, y0, x1, y1 in tiles} == {(min(length, 400), 400)}
+    assert max(x1 for _, _, x1, _ in tiles) == length
+    assert max(y1 for _, _, _, y1 in tiles) == 1000
+
+
 def fake_wheel(path, names_and_sizes):
     with zipfile.ZipFile(path, "w") as wheel:
         for name, (width, height), boxes in names_and_sizes:
@@ -55,11 +69,14 @@ def test_conversion_writes_tiles_and_whole_validation_images(tmp_path, monkeypat
     out = trees.prepare_trees_dataset(tmp_path / "trees")
     train = json.loads((out / "annotations" / "instances_train.json").read_text())
     val = json.loads((out / "annotations" / "instances_val.json").read_text())
-    assert [(i["width"], i["height"]) for i in train["images"]] == [
-        (400, 400), (100, 400), (400, 20), (100, 20)]
-    assert [a["bbox"] for a in train["annotations"]] == [[10, 10, 50, 50], [20, 300, 60, 100]]
-    assert [a["image_id"] for a in train["annotations"]] == [1, 2]
-    assert Image.open(out / "train" / "big_400_0.png").size == (100, 400)
+    # Full-size tiles, the last row and column against the far edges (no 100 x 20 slivers).
+    assert [i["file_name"] for i in train["images"]] == [
+        "big_0_0.png", "big_100_0.png", "big_0_20.png", "big_100_20.png"]
+    assert {(i["width"], i["height"]) for i in train["images"]} == {(400, 400)}
+    assert [a["bbox"] for a in train["annotations"]] == [
+        [10, 10, 50, 50], [320, 300, 60, 100], [10, 0, 50, 40], [320, 280, 60, 100]]
+    assert [a["image_id"] for a in train["annotations"]] == [1, 2, 3, 4]
+    assert Image.open(out / "train" / "big_100_20.png").size == (400, 400)
     assert [(i["file_name"], i["width"]) for i in val["images"]] == [("small.png", 300)]
     assert val["categories"] == [{"id": 1, "name": "tree"}]
     assert trees._is_up_to_date(out)
