@@ -61,18 +61,50 @@ def encode():
 
 
 @pytest.fixture
-def coco_images(tmp_path):
+def register_coco(tmp_path):
+    """``register(images, annotations, categories, image_root, first_annotation_id=1)`` writes
+    a COCO JSON of these records, registers it with ``register_coco_instances`` under a new
+    name, and returns the name; the catalogs forget it after the test.
+
+    Annotations get defaults, set on the given dicts: id (counting from
+    ``first_annotation_id``), image_id 1, category 1, not crowd, area 1.
+    """
+    registered = []
+
+    def register(images, annotations, categories, image_root, first_annotation_id=1):
+        for index, ann in enumerate(annotations):
+            ann.setdefault("id", first_annotation_id + index)
+            ann.setdefault("image_id", 1)
+            ann.setdefault("category_id", 1)
+            ann.setdefault("iscrowd", 0)
+            ann.setdefault("area", 1.0)
+        json_file = tmp_path / f"instances_{len(registered)}.json"
+        json_file.write_text(json.dumps(
+            {"images": images, "annotations": annotations, "categories": categories}))
+        name = f"dw_d2_data_test_{next(_names)}"
+        register_coco_instances(name, {}, str(json_file), str(image_root))
+        registered.append(name)
+        return name
+
+    yield register
+    for name in registered:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+
+
+@pytest.fixture
+def coco_images(tmp_path, register_coco):
     """``make(images, annotations=())`` writes image files and a COCO JSON, registers them
     with ``register_coco_instances`` and returns the dataset's name.
 
     ``images``: (file_name, width, height, content) tuples: the width/height go into the JSON,
     ``content`` (bytes) into the file (None: a valid PNG of that size; "absent": no file).
-    Annotations get defaults (id, image_id 1, category 1, not crowd, area).
+    Annotations get defaults (id from 100, image_id 1, category 1, not crowd, area).
     """
-    registered = []
+    image_dirs = itertools.count()
 
     def make(images, annotations=()):
-        image_dir = tmp_path / f"images_{len(registered)}"
+        image_dir = tmp_path / f"images_{next(image_dirs)}"
         image_dir.mkdir()
         entries = []
         for image_id, (file_name, width, height, content) in enumerate(images, start=1):
@@ -81,22 +113,7 @@ def coco_images(tmp_path):
             if content != "absent":
                 (image_dir / file_name).write_bytes(
                     png(width, height) if content is None else content)
-        annotations = [dict(a) for a in annotations]
-        for index, ann in enumerate(annotations):
-            ann.setdefault("id", 100 + index)
-            ann.setdefault("image_id", 1)
-            ann.setdefault("category_id", 1)
-            ann.setdefault("iscrowd", 0)
-            ann.setdefault("area", 1.0)
-        json_file = tmp_path / f"instances_{len(registered)}.json"
-        json_file.write_text(json.dumps(
-            {"images": entries, "annotations": annotations, "categories": CATEGORIES}))
-        name = f"dw_d2_data_test_{next(_names)}"
-        register_coco_instances(name, {}, str(json_file), str(image_dir))
-        registered.append(name)
-        return name
+        return register_coco(entries, [dict(a) for a in annotations], CATEGORIES, image_dir,
+                             first_annotation_id=100)
 
-    yield make
-    for name in registered:
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
+    return make

@@ -1,14 +1,11 @@
 """Training annotations are checked before training: bad boxes dropped or clipped (and
 counted), unusable ones and missing files reported with where they are."""
-import itertools
-import json
 import logging
 
 import numpy as np
 import pytest
 from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.data import transforms as T
-from detectron2.data.datasets import register_coco_instances
 from detectron2.structures import BoxMode
 from PIL import Image
 
@@ -20,41 +17,24 @@ from dw_d2.data import (
 )
 
 CATEGORIES = [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"}]
-_names = itertools.count()
 
 
 @pytest.fixture
-def coco_dataset(tmp_path):
+def coco_dataset(tmp_path, register_coco):
     """``make(annotations, images=...)`` writes a tiny COCO dataset and registers it."""
-    registered = []
 
     def make(annotations, images=None, categories=CATEGORIES, write_images=True):
         images = images if images is not None else [
             {"id": 1, "file_name": "a.png", "width": 40, "height": 30},
             {"id": 2, "file_name": "b.png", "width": 40, "height": 30},
         ]
-        for index, ann in enumerate(annotations):
-            ann.setdefault("id", index + 1)
-            ann.setdefault("image_id", 1)
-            ann.setdefault("category_id", 1)
-            ann.setdefault("iscrowd", 0)
-            ann.setdefault("area", 1.0)
         if write_images:
             for image in images:
                 Image.new("RGB", (image["width"], image["height"])).save(
                     tmp_path / image["file_name"])
-        json_file = tmp_path / f"instances_{len(registered)}.json"
-        json_file.write_text(json.dumps(
-            {"images": images, "annotations": annotations, "categories": categories}))
-        name = f"dw_d2_validation_test_{next(_names)}"
-        register_coco_instances(name, {}, str(json_file), str(tmp_path))
-        registered.append(name)
-        return name
+        return register_coco(images, annotations, categories, tmp_path)
 
-    yield make
-    for name in registered:
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
+    return make
 
 
 def _boxes(dicts):
