@@ -5,9 +5,17 @@ from one another; pytest fixtures live in ``tests/conftest.py``.
 """
 import math
 import os
+import pickle
+import queue
+import time
+import traceback
+from datetime import timedelta
 from pathlib import Path
 
+import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 REPO = Path(__file__).resolve().parents[1]
 # The golden cases sit in ``shared/golden`` beside the repository; DW_D2_GOLDEN overrides it.
@@ -196,3 +204,59 @@ def with_leaves(batch, names):
     for name in names:
         batch[name] = batch[name].clone().requires_grad_()
     return batch
+
+
+# --------------------------------------------------------------------------------------------
+# Forked gloo workers
+# --------------------------------------------------------------------------------------------
+def _gloo_worker(rank, world_size, init_file, timeout_s, step, results):
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                world_size=world_size, timeout=timedelta(seconds=timeout_s))
+        # Plain pickle copies the tensors: the queue's own pickler would share their memory
+        # with a process that exits before the parent reads them.
+        results.put((rank, pickle.dumps(step(rank)), None))
+    except BaseException:  # handed to the parent, which fails the test with it
+        results.put((rank, None, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_on_gloo_workers(step, init_file, world_size=2, timeout_s=60):
+    """``step(rank)`` on ``world_size`` forked processes in one gloo group (one thread each)
+    -> {rank: what step returned}.
+
+    Fails the test (never hangs it) when a worker raises, dies or stays silent for
+    ``timeout_s`` seconds, which is also the collectives' timeout.
+    """
+    # fork: the workers inherit the imported modules and the models, about a second in all.
+    context = mp.get_context("fork")
+    results = context.Queue()
+    workers = [context.Process(target=_gloo_worker, daemon=True,
+                               args=(rank, world_size, init_file, timeout_s, step, results))
+               for rank in range(world_size)]
+    for worker in workers:
+        worker.start()
+    outputs, deadline = {}, time.monotonic() + timeout_s
+    try:
+        while len(outputs) < world_size:
+            try:
+                rank, output, error = results.get(timeout=0.5)
+            except queue.Empty:
+                dead = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
+                if dead or time.monotonic() > deadline:
+                    pytest.fail(f"distributed workers gave no result (exit codes "
+                                f"{[w.exitcode for w in workers]})")
+                continue
+            if error is not None:
+                pytest.fail(f"distributed worker {rank} failed:\n{error}")
+            outputs[rank] = pickle.loads(output)
+    finally:
+        for worker in workers:
+            worker.join(timeout=10)
+            if worker.is_alive():
+                worker.terminate()
+                worker.join(timeout=5)
+    return outputs

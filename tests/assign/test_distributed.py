@@ -16,19 +16,12 @@ is the mean over the batch because Detectron2 gives every worker the same number
 "One process" here is the same loss function on the whole batch without
 ``torch.distributed``; the workers are forked processes in a gloo group.
 """
-import pickle
-import queue
-import time
-import traceback
-from datetime import timedelta
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from tests.helpers import (AA_INPUTS, BUILTIN_ASSIGNERS, DW_INPUTS, image_input, make_batch,
-                           run_aa, run_dw, tiny_model, with_leaves)
+                           run_aa, run_dw, run_on_gloo_workers, tiny_model, with_leaves)
 
 WORLD_SIZE = 2
 # Seconds to wait for a worker's result, and the gloo collective timeout: a failing worker
@@ -60,59 +53,16 @@ CLAMPED_CASES = {
     "one_gt_in_the_batch": (1, 0),  # mean GT count 0.5: clamped to 1 on each worker
     "no_gt_in_the_batch": (0, 0),  # negative normalisers 0: clamped to 1 on each worker
 }
+
+
 # --------------------------------------------------------------------------------------------
 # Running a step on forked gloo workers
 # --------------------------------------------------------------------------------------------
-def _worker_main(rank, init_file, step, cases, results):
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                                world_size=WORLD_SIZE, timeout=timedelta(seconds=WORKER_TIMEOUT_S))
-        outputs = {name: step(case, rank) for name, case in cases.items()}
-        # Plain pickle copies the tensors: the queue's own pickler would share their memory
-        # with a process that exits before the parent reads them.
-        results.put((rank, pickle.dumps(outputs), None))
-    except BaseException:  # handed to the parent, which fails the test with it
-        results.put((rank, None, traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def run_on_workers(step, cases, init_file):
-    """``step(case, rank)`` for every case on WORLD_SIZE forked gloo workers -> rank -> outputs.
-
-    Fails the test (never hangs it) when a worker raises, dies or stays silent for
-    WORKER_TIMEOUT_S seconds.
-    """
-    # fork: the workers inherit the imported modules and the models, about a second in all.
-    context = mp.get_context("fork")
-    results = context.Queue()
-    workers = [context.Process(target=_worker_main, args=(rank, init_file, step, cases, results),
-                               daemon=True) for rank in range(WORLD_SIZE)]
-    for worker in workers:
-        worker.start()
-    outputs, deadline = {}, time.monotonic() + WORKER_TIMEOUT_S
-    try:
-        while len(outputs) < WORLD_SIZE:
-            try:
-                rank, output, error = results.get(timeout=0.5)
-            except queue.Empty:
-                dead = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
-                if dead or time.monotonic() > deadline:
-                    pytest.fail(f"distributed workers gave no result (exit codes "
-                                f"{[w.exitcode for w in workers]})")
-                continue
-            if error is not None:
-                pytest.fail(f"distributed worker {rank} failed:\n{error}")
-            outputs[rank] = pickle.loads(output)
-    finally:
-        for worker in workers:
-            worker.join(timeout=10)
-            if worker.is_alive():
-                worker.terminate()
-                worker.join(timeout=5)
-    return outputs
+    """``step(case, rank)`` for every case on WORLD_SIZE forked gloo workers -> rank -> outputs."""
+    return run_on_gloo_workers(
+        lambda rank: {name: step(case, rank) for name, case in cases.items()},
+        init_file, world_size=WORLD_SIZE, timeout_s=WORKER_TIMEOUT_S)
 
 
 def averaged_over_workers(tensor):

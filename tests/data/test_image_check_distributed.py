@@ -1,40 +1,23 @@
 """Distributed workers each read their share of the image files and all raise the same error."""
 import json
-import multiprocessing as mp
-import pickle
-import queue
-import traceback
-from datetime import timedelta
-
-import pytest
-import torch.distributed as dist
 
 from dw_d2.data import find_image_file_problems, load_dataset_dicts
 from dw_d2.data import image_headers
-
-WORLD_SIZE = 2
-TIMEOUT_S = 60
+from tests.helpers import run_on_gloo_workers
 
 
-def _worker(rank, init_file, name, results):
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                                world_size=WORLD_SIZE, timeout=timedelta(seconds=TIMEOUT_S))
-        read = []
-        original = image_headers._read_in_parallel
+def _read_share(name):
+    """This worker's image-file problems and the files it read itself."""
+    read = []
+    original = image_headers._read_in_parallel
 
-        def counting(paths, *args, **kwargs):
-            read.extend(paths)
-            return original(paths, *args, **kwargs)
+    def counting(paths, *args, **kwargs):
+        read.extend(paths)
+        return original(paths, *args, **kwargs)
 
-        image_headers._read_in_parallel = counting
-        problems = find_image_file_problems(load_dataset_dicts(name), name)
-        results.put((rank, pickle.dumps(([p.file_name for p in problems], read)), None))
-    except BaseException:
-        results.put((rank, None, traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    image_headers._read_in_parallel = counting
+    problems = find_image_file_problems(load_dataset_dicts(name), name)
+    return [p.file_name for p in problems], read
 
 
 def test_workers_share_the_reading_and_agree_on_the_problems(coco_images, encode, tmp_path):
@@ -42,28 +25,7 @@ def test_workers_share_the_reading_and_agree_on_the_problems(coco_images, encode
     images[3] = ("3.png", 20, 10, b"junk")
     images[6] = ("6.png", 20, 10, encode.png(21, 10))
     name = coco_images(images, [{"bbox": [1, 1, 5, 5]}])
-    context = mp.get_context("fork")
-    results = context.Queue()
-    workers = [context.Process(target=_worker, daemon=True,
-                               args=(rank, tmp_path / "init", name, results))
-               for rank in range(WORLD_SIZE)]
-    for worker in workers:
-        worker.start()
-    outputs = {}
-    try:
-        while len(outputs) < WORLD_SIZE:
-            try:
-                rank, output, error = results.get(timeout=TIMEOUT_S)
-            except queue.Empty:
-                pytest.fail(f"workers gave no result (exit codes {[w.exitcode for w in workers]})")
-            if error:
-                pytest.fail(f"worker {rank} failed:\n{error}")
-            outputs[rank] = pickle.loads(output)
-    finally:
-        for worker in workers:
-            worker.join(timeout=10)
-            if worker.is_alive():
-                worker.kill()
+    outputs = run_on_gloo_workers(lambda rank: _read_share(name), tmp_path / "init")
     (problems0, read0), (problems1, read1) = outputs[0], outputs[1]
     assert problems0 == problems1
     assert [p.rsplit("/", 1)[1] for p in problems0] == ["3.png", "6.png"]
